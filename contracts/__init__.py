@@ -1,0 +1,1 @@
+"""Contracts shared by producer and worker: schemas, settings, storage, job state, errors."""

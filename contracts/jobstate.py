@@ -1,0 +1,254 @@
+"""Job state: spec, idempotent per-chunk counters, failures, cancel flag and producer checkpoint.
+
+Every key of a job shares the hash tag ``{job_id}`` so a Redis Cluster keeps a job on one slot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
+
+KEY_PREFIX = "sam3b"
+JOBS_INDEX = f"{KEY_PREFIX}:jobs"
+
+
+def job_key(job_id: str, part: str) -> str:
+    """The Redis key of one part of a job's state."""
+    return f"{KEY_PREFIX}:{{{job_id}}}:{part}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a producer stopped: the last listed position and the next chunk number."""
+
+    position: str
+    next_seq: int
+
+
+class JobStore(Protocol):
+    """Job state, in Redis for distributed jobs or in memory for embedded runs."""
+
+    def create(self, spec: JobSpec) -> None: ...
+    def spec(self, job_id: str) -> JobSpec: ...
+    def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool: ...
+    def record_chunk(
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+    ) -> bool: ...
+    def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool: ...
+    def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool: ...
+    def mark_listing_complete(self, job_id: str) -> None: ...
+    def counters(self, job_id: str) -> JobCounters: ...
+    def stats(self, job_id: str) -> dict[str, float]: ...
+    def failures(self, job_id: str, limit: int | None = None) -> list[Failure]: ...
+    def checkpoint(self, job_id: str) -> Checkpoint | None: ...
+    def cancel(self, job_id: str) -> None: ...
+    def is_cancelled(self, job_id: str) -> bool: ...
+    def claim_report(self, job_id: str) -> bool: ...
+    def reopen_failures(self, job_id: str) -> list[Failure]: ...
+    def job_ids(self) -> list[str]: ...
+    def generation(self, job_id: str) -> int: ...
+    def start_generation(self, job_id: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class PlannedCounts:
+    """What one planned chunk adds: all its entries to ``total``, some to ``skipped`` or ``failed``."""
+
+    total: int
+    skipped: int = 0
+    failures: tuple[Failure, ...] = ()
+
+
+class UnknownJobError(KeyError):
+    """No job with this id exists in the store."""
+
+
+# Counting and failure recording happen in one atomic script, only the first time a chunk id is seen,
+# so a redelivered or duplicated chunk never counts twice.
+_RECORD_CHUNK = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'done', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
+redis.call('HINCRBY', KEYS[2], 'instances', ARGV[4])
+redis.call('HINCRBYFLOAT', KEYS[2], 'gpu_seconds', ARGV[5])
+redis.call('HSET', KEYS[2], 'last_update', ARGV[6])
+for i = 7, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+return 1
+"""
+
+# A planned chunk adds to the counters once (its images, skipped ones and bad entries), and the
+# producer checkpoint moves in the same atomic step.
+_REGISTER_CHUNK = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'total', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5])
+redis.call('HINCRBY', KEYS[2], 'failed', #ARGV - 5)
+redis.call('HSET', KEYS[3], 'position', ARGV[3], 'next_seq', ARGV[4])
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
+return 1
+"""
+
+# A resume that replans starts a new generation: counters and per-chunk sets start afresh.
+_START_GENERATION = """
+local gen = redis.call('HINCRBY', KEYS[1], 'generation', 1)
+for _, field in ipairs({'total', 'done', 'failed', 'skipped', 'instances'}) do
+  redis.call('HSET', KEYS[1], field, 0)
+end
+redis.call('HDEL', KEYS[1], 'listing_complete')
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+return gen
+"""
+
+# Takes out the failures that name an output key (images); bad input entries stay failed.
+_REOPEN_FAILURES = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+local taken, kept = {}, {}
+for _, raw in ipairs(items) do
+  local key = cjson.decode(raw)['out_key']
+  if type(key) == 'string' then table.insert(taken, raw) else table.insert(kept, raw) end
+end
+redis.call('DEL', KEYS[1])
+for _, raw in ipairs(kept) do redis.call('RPUSH', KEYS[1], raw) end
+redis.call('HINCRBY', KEYS[2], 'failed', -#taken)
+redis.call('DEL', KEYS[3])
+return taken
+"""
+
+
+class RedisJobStore:
+    """Job state in Redis (one client, safe to share between threads)."""
+
+    def __init__(self, url: str, *, client: redis.Redis | None = None) -> None:
+        # Reconnect with backoff for about a minute so a Redis restart does not fail the work in hand.
+        retry = Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=20)
+        self._redis: redis.Redis = client or redis.Redis.from_url(
+            url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30,
+            retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        self._record = self._redis.register_script(_RECORD_CHUNK)
+        self._register = self._redis.register_script(_REGISTER_CHUNK)
+        self._reopen = self._redis.register_script(_REOPEN_FAILURES)
+        self._start_generation = self._redis.register_script(_START_GENERATION)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
+    def create(self, spec: JobSpec) -> None:
+        """Store the spec once; a second create with the same id keeps the first spec (resume)."""
+        self._redis.set(job_key(spec.job_id, "spec"), spec.model_dump_json(), nx=True)
+        self._redis.hsetnx(job_key(spec.job_id, "counters"), "started_at", str(time.time()))
+        self._redis.zadd(JOBS_INDEX, {spec.job_id: spec.created_at or time.time()}, nx=True)
+
+    def spec(self, job_id: str) -> JobSpec:
+        raw = self._redis.get(job_key(job_id, "spec"))
+        if raw is None:
+            raise UnknownJobError(job_id)
+        return JobSpec.model_validate_json(raw)
+
+    def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool:
+        """Count a planned chunk once and move the checkpoint, atomically; False if already registered."""
+        keys = [job_key(job_id, "planned"), job_key(job_id, "counters"), job_key(job_id, "checkpoint"),
+                job_key(job_id, "failures")]
+        failures = [f.model_dump_json() for f in plan.failures]
+        args: list[Any] = [chunk_id, plan.total, checkpoint.position, checkpoint.next_seq, plan.skipped]
+        return bool(self._register(keys=keys, args=[*args, *failures]))
+
+    def record_chunk(
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+    ) -> bool:
+        done = sum(1 for o in outcomes if o.status == "done")
+        failures = [
+            Failure(uri=o.uri, reason=o.reason or "unknown", chunk_id=chunk_id, out_key=o.out_key).model_dump_json()
+            for o in outcomes
+            if o.status == "failed"
+        ]
+        instances = sum(o.instances for o in outcomes)
+        keys = [job_key(job_id, "recorded"), job_key(job_id, "counters"), job_key(job_id, "failures")]
+        args: list[Any] = [chunk_id, done, len(failures), instances, f"{gpu_seconds:.6f}", time.time()]
+        return bool(self._record(keys=keys, args=[*args, *failures]))
+
+    def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool:
+        return bool(self._redis.sismember(job_key(job_id, "recorded"), chunk_id))
+
+    def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool:
+        """True the first time a chunk starts; False on a redelivery, a retry or a duplicate."""
+        return bool(self._redis.sadd(job_key(job_id, "started"), chunk_id))
+
+    def mark_listing_complete(self, job_id: str) -> None:
+        self._redis.hset(job_key(job_id, "counters"), "listing_complete", "1")
+
+    def _counter_hash(self, job_id: str) -> dict[str, str]:
+        raw: dict[bytes, bytes] = self._redis.hgetall(job_key(job_id, "counters"))  # type: ignore[assignment]
+        if not raw:
+            raise UnknownJobError(job_id)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def counters(self, job_id: str) -> JobCounters:
+        values = self._counter_hash(job_id)
+        return JobCounters(
+            total=int(values.get("total", 0)), done=int(values.get("done", 0)),
+            failed=int(values.get("failed", 0)), skipped=int(values.get("skipped", 0)),
+            listing_complete=values.get("listing_complete") == "1",
+        )
+
+    def stats(self, job_id: str) -> dict[str, float]:
+        """Numeric extras: started_at, last_update, gpu_seconds, instances."""
+        values = self._counter_hash(job_id)
+        keys = ("started_at", "last_update", "gpu_seconds", "instances")
+        return {k: float(values[k]) for k in keys if k in values}
+
+    def failures(self, job_id: str, limit: int | None = None) -> list[Failure]:
+        end = -1 if limit is None else limit - 1
+        raw: list[bytes] = self._redis.lrange(job_key(job_id, "failures"), 0, end)  # type: ignore[assignment]
+        return [Failure.model_validate_json(r) for r in raw]
+
+    def checkpoint(self, job_id: str) -> Checkpoint | None:
+        raw: dict[bytes, bytes] = self._redis.hgetall(job_key(job_id, "checkpoint"))  # type: ignore[assignment]
+        if not raw:
+            return None
+        return Checkpoint(position=raw[b"position"].decode(), next_seq=int(raw[b"next_seq"]))
+
+    def cancel(self, job_id: str) -> None:
+        self._redis.set(job_key(job_id, "cancelled"), "1")
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return bool(self._redis.exists(job_key(job_id, "cancelled")))
+
+    def claim_report(self, job_id: str) -> bool:
+        """True for exactly one caller per job completion: that caller writes the report."""
+        return bool(self._redis.set(job_key(job_id, "report_claim"), "1", nx=True))
+
+    def reopen_failures(self, job_id: str) -> list[Failure]:
+        """Take the failed images out (uncounting them) so they can be submitted again."""
+        keys = [job_key(job_id, "failures"), job_key(job_id, "counters"), job_key(job_id, "report_claim")]
+        raw: list[bytes] = self._reopen(keys=keys, args=[])
+        return [Failure.model_validate_json(r) for r in raw]
+
+    def job_ids(self) -> list[str]:
+        raw: list[bytes] = self._redis.zrevrange(JOBS_INDEX, 0, -1)  # type: ignore[assignment]
+        return [r.decode() for r in raw]
+
+    def generation(self, job_id: str) -> int:
+        raw = self._redis.hget(job_key(job_id, "counters"), "generation")
+        return int(raw) if raw else 0
+
+    def start_generation(self, job_id: str) -> int:
+        """Reset counters and chunk sets for a full replan; chunks of older generations become stale."""
+        parts = ("planned", "recorded", "started", "failures", "checkpoint", "cancelled", "report_claim")
+        keys = [job_key(job_id, "counters"), *(job_key(job_id, p) for p in parts)]
+        return int(self._start_generation(keys=keys, args=[]))
+
+
+def failure_json(failure: Failure) -> str:
+    """Stable JSON for a failure (used by the report and the CLI)."""
+    return json.dumps(failure.model_dump(), ensure_ascii=False)

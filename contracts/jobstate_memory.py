@@ -1,0 +1,146 @@
+"""Job state in process memory, for embedded runs (no Redis)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from contracts.jobstate import Checkpoint, PlannedCounts, UnknownJobError
+from contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
+
+
+@dataclass
+class _Job:
+    spec: JobSpec
+    counters: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    planned: set[str] = field(default_factory=set)
+    recorded: set[str] = field(default_factory=set)
+    started: set[str] = field(default_factory=set)
+    failures: list[Failure] = field(default_factory=list)
+    listing_complete: bool = False
+    cancelled: bool = False
+    report_claimed: bool = False
+    checkpoint: Checkpoint | None = None
+    generation: int = 0
+
+
+class MemoryJobStore:
+    """The same contract as RedisJobStore, held in a dict behind a lock."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+
+    def _job(self, job_id: str) -> _Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise UnknownJobError(job_id) from None
+
+    def create(self, spec: JobSpec) -> None:
+        with self._lock:
+            job = self._jobs.setdefault(spec.job_id, _Job(spec=spec))
+            job.stats.setdefault("started_at", time.time())
+
+    def spec(self, job_id: str) -> JobSpec:
+        return self._job(job_id).spec
+
+    def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool:
+        with self._lock:
+            job = self._job(job_id)
+            if chunk_id in job.planned:
+                return False
+            job.planned.add(chunk_id)
+            for name, value in (("total", plan.total), ("skipped", plan.skipped), ("failed", len(plan.failures))):
+                job.counters[name] = job.counters.get(name, 0) + value
+            job.failures.extend(plan.failures)
+            job.checkpoint = checkpoint
+            return True
+
+    def record_chunk(
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+    ) -> bool:
+        with self._lock:
+            job = self._job(job_id)
+            if chunk_id in job.recorded:
+                return False
+            job.recorded.add(chunk_id)
+            for outcome in outcomes:
+                job.counters[outcome.status] = job.counters.get(outcome.status, 0) + 1
+                if outcome.status == "failed":
+                    reason = outcome.reason or "unknown"
+                    job.failures.append(
+                        Failure(uri=outcome.uri, reason=reason, chunk_id=chunk_id, out_key=outcome.out_key)
+                    )
+            job.stats["instances"] = job.stats.get("instances", 0.0) + sum(o.instances for o in outcomes)
+            job.stats["gpu_seconds"] = job.stats.get("gpu_seconds", 0.0) + gpu_seconds
+            job.stats["last_update"] = time.time()
+            return True
+
+    def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool:
+        return chunk_id in self._job(job_id).recorded
+
+    def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool:
+        with self._lock:
+            started = self._job(job_id).started
+            first = chunk_id not in started
+            started.add(chunk_id)
+            return first
+
+    def mark_listing_complete(self, job_id: str) -> None:
+        self._job(job_id).listing_complete = True
+
+    def counters(self, job_id: str) -> JobCounters:
+        job = self._job(job_id)
+        c = job.counters
+        return JobCounters(
+            total=c.get("total", 0), done=c.get("done", 0), failed=c.get("failed", 0),
+            skipped=c.get("skipped", 0), listing_complete=job.listing_complete,
+        )
+
+    def stats(self, job_id: str) -> dict[str, float]:
+        return dict(self._job(job_id).stats)
+
+    def failures(self, job_id: str, limit: int | None = None) -> list[Failure]:
+        failures = self._job(job_id).failures
+        return list(failures if limit is None else failures[:limit])
+
+    def checkpoint(self, job_id: str) -> Checkpoint | None:
+        return self._job(job_id).checkpoint
+
+    def cancel(self, job_id: str) -> None:
+        self._job(job_id).cancelled = True
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self._job(job_id).cancelled
+
+    def claim_report(self, job_id: str) -> bool:
+        with self._lock:
+            job = self._job(job_id)
+            claimed, job.report_claimed = job.report_claimed, True
+            return not claimed
+
+    def reopen_failures(self, job_id: str) -> list[Failure]:
+        with self._lock:
+            job = self._job(job_id)
+            taken = [f for f in job.failures if f.out_key is not None]
+            job.failures = [f for f in job.failures if f.out_key is None]
+            job.counters["failed"] = job.counters.get("failed", 0) - len(taken)
+            job.report_claimed = False
+            return taken
+
+    def job_ids(self) -> list[str]:
+        return list(self._jobs)
+
+    def generation(self, job_id: str) -> int:
+        return self._job(job_id).generation
+
+    def start_generation(self, job_id: str) -> int:
+        with self._lock:
+            old = self._job(job_id)
+            fresh = _Job(spec=old.spec, stats={"started_at": time.time()}, generation=old.generation + 1)
+            self._jobs[job_id] = fresh
+            return fresh.generation

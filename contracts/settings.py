@@ -1,0 +1,77 @@
+"""Typed settings from environment variables (prefix ``SAM3_BATCH_``), built once at the entry point."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SAM3_BATCH_"
+
+
+class Settings(BaseSettings):
+    """Everything configurable by environment; secrets are SecretStr so they never show in a repr."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    # Queue and job state (Redis). Passwords and rediss:// TLS URLs are supported here.
+    broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    state_url: SecretStr | None = None  # job state Redis; defaults to broker_url
+    queue: str = "sam3"
+    visibility_timeout_s: int = Field(3600, ge=10)
+    chunk_size: int = Field(32, ge=1, le=1000)
+    queue_high_water: int = Field(2000, ge=1)  # chunks; producer pauses above this
+    queue_low_water: int = Field(1000, ge=0)  # and resumes below this
+
+    # Object storage (any S3-compatible store; credentials come from the standard AWS variables).
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_max_attempts: int = Field(8, ge=1)
+    s3_retry_mode: Literal["standard", "adaptive"] = "adaptive"
+    s3_connect_timeout_s: float = 10.0
+    s3_read_timeout_s: float = 60.0
+
+    # http(s) inputs
+    http_allow_private: bool = False
+    http_max_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    http_timeout_s: float = Field(30.0, gt=0)
+
+    # Images
+    max_image_pixels: int = Field(120_000_000, ge=1)  # decompression-bomb cap
+    max_prompt_chars: int = Field(256, ge=1)
+
+    # Model and inference
+    model: str = "facebook/sam3"
+    model_revision: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(8, ge=1)
+    compile: bool = False
+    io_threads: int = Field(8, ge=1)
+
+    # Operations
+    metrics_port: int | None = None
+    log_json: bool = False
+    task_retries: int = Field(3, ge=0)
+
+    # Read only so that redact() can mask it wherever it might appear; boto3 reads AWS_* itself.
+    aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+
+    def secrets(self) -> list[str]:
+        """Every secret value these settings know of (URL passwords, the AWS secret key)."""
+        found = [urlsplit(u.get_secret_value()).password for u in (self.broker_url, self.state_url) if u]
+        if self.aws_secret_access_key:
+            found.append(self.aws_secret_access_key.get_secret_value())
+        return [s for s in found if s]
+
+    def state_redis_url(self) -> str:
+        """The Redis URL for job state (falls back to the broker)."""
+        chosen = self.state_url or self.broker_url
+        return chosen.get_secret_value()
+
+
+def load_settings() -> Settings:
+    """Build settings from the environment; call once at an entry point and pass the object down."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Producer: list inputs, plan chunks, enqueue them with backpressure, resume from a checkpoint."""

@@ -1,0 +1,90 @@
+"""The producer loop: list -> skip done -> plan chunks -> dispatch -> count + checkpoint, resumable."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from contracts.jobstate import Checkpoint, JobStore, PlannedCounts
+from contracts.report import finalize_if_complete
+from contracts.schemas import JobSpec
+from contracts.storage import Storage
+from producer.dispatch import Dispatcher
+from producer.done_index import DoneIndex
+from producer.planner import PlannedChunk, chunk_id_for, plan_chunks
+from producer.sources import Source
+
+log = logging.getLogger(__name__)
+
+
+def new_job_id() -> str:
+    """A sortable, unique job id such as ``20261125-001603-3fa2c1``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class ProducerSummary:
+    job_id: str
+    chunks_sent: int = 0
+    images_enqueued: int = 0
+    skipped: int = 0
+    problems: int = 0
+    listing_complete: bool = False
+
+
+def _register(store: JobStore, job_id: str, planned: PlannedChunk, generation: int) -> None:
+    size = len(planned.message.items) if planned.message else 0
+    counts = PlannedCounts(
+        total=size + planned.skipped + len(planned.problems), skipped=planned.skipped,
+        failures=tuple(planned.problems),
+    )
+    checkpoint = Checkpoint(position=planned.last_position, next_seq=planned.seq + 1)
+    store.register_chunk(job_id, chunk_id_for(job_id, planned.seq, generation), counts, checkpoint)
+
+
+def run_producer(
+    spec: JobSpec,
+    source: Source,
+    store: JobStore,
+    storage: Storage,
+    dispatcher: Dispatcher,
+    chunk_size: int,
+    *,
+    skip_existing: bool = False,
+    on_progress: Callable[[ProducerSummary], None] = lambda summary: None,
+) -> ProducerSummary:
+    """Enqueue every image of the source once, continuing from the job's checkpoint if it has one.
+
+    Each chunk is sent BEFORE it is registered with its checkpoint: a crash in between re-sends the
+    same chunk id after a restart, which workers count once; the other order could lose a chunk.
+    """
+    job_id, summary = spec.job_id, ProducerSummary(spec.job_id)
+    generation = store.generation(job_id)
+    checkpoint = store.checkpoint(job_id)
+    start_after, seq = (checkpoint.position, checkpoint.next_seq) if checkpoint else (None, 0)
+    done = DoneIndex.from_output_root(storage, spec.output_root) if skip_existing else None
+    is_done = (lambda key: key in done) if done is not None else (lambda key: False)
+
+    def cancelled() -> bool:
+        return store.is_cancelled(job_id)
+
+    for planned in plan_chunks(source.entries(start_after), job_id, chunk_size, seq, is_done, generation):
+        if cancelled():
+            log.warning("job %s cancelled: producer stops", job_id)
+            return summary
+        if planned.message is not None:
+            dispatcher.wait_for_room(cancelled)
+            dispatcher.send(planned.message)
+            summary.chunks_sent += 1
+            summary.images_enqueued += len(planned.message.items)
+        _register(store, job_id, planned, generation)
+        summary.skipped += planned.skipped
+        summary.problems += len(planned.problems)
+        on_progress(summary)
+    store.mark_listing_complete(job_id)
+    summary.listing_complete = True
+    finalize_if_complete(store, storage, job_id)
+    return summary

@@ -1,0 +1,25 @@
+"""Embedded mode: the producer and the worker code in one process, no Redis, no S3 needed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from contracts.jobstate import JobStore
+from contracts.schemas import ChunkMessage, JobSpec
+from worker.pipeline import ChunkContext, process_chunk
+
+
+class InlineDispatcher:
+    """Processes each chunk as soon as the producer plans it, and records it like a worker would."""
+
+    def __init__(self, spec: JobSpec, store: JobStore, context: ChunkContext,
+                 on_chunk: Callable[[], None] = lambda: None) -> None:
+        self.spec, self.store, self.context, self.on_chunk = spec, store, context, on_chunk
+
+    def wait_for_room(self, should_stop: Callable[[], bool]) -> None:
+        """Never full: each chunk is processed before the next one is planned."""
+
+    def send(self, chunk: ChunkMessage) -> None:
+        result = process_chunk(chunk, self.spec, self.context)
+        self.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
+        self.on_chunk()

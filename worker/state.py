@@ -1,0 +1,74 @@
+"""Per-worker resources, filled once at start-up: the resident model, storage, job store, thread pools."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from contracts.jobstate import JobStore, RedisJobStore
+from contracts.schemas import JobSpec
+from contracts.settings import Settings
+from contracts.storage import Storage
+from worker import metrics
+from worker.pipeline import ChunkContext, SegmentationRuntime
+
+log = logging.getLogger(__name__)
+
+
+def load_runtime(settings: Settings) -> SegmentationRuntime:
+    """Load the resident SAM 3 model named by settings (``tiny-random`` builds one offline)."""
+    from worker.runtime import Sam3Runtime
+    from worker.tiny_model import resolve_model
+
+    start = time.perf_counter()
+    runtime = Sam3Runtime.load(
+        str(resolve_model(settings.model, None)), settings.model_revision,
+        device=settings.device, dtype=settings.dtype, compile=settings.compile,
+    )
+    runtime.model_id = settings.model  # report the name the user gave, not a cache path
+    metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - start)
+    log.info("model %s loaded in %.1fs", settings.model, time.perf_counter() - start)
+    return runtime
+
+
+@dataclass
+class WorkerState:
+    """Everything a chunk task needs, built once per worker process."""
+
+    settings: Settings
+    store: JobStore
+    chunk_context: ChunkContext
+    _specs: dict[str, JobSpec] = field(default_factory=dict)
+
+    def spec(self, job_id: str) -> JobSpec:
+        """The job's spec, fetched from the store once and cached (specs never change)."""
+        if job_id not in self._specs:
+            if len(self._specs) > 256:
+                self._specs.clear()
+            self._specs[job_id] = self.store.spec(job_id)
+        return self._specs[job_id]
+
+
+_state: WorkerState | None = None
+_lock = threading.Lock()
+
+
+def init_worker_state(settings: Settings, runtime: SegmentationRuntime | None = None) -> WorkerState:
+    """Build the process-wide worker state (loads the model unless one is given)."""
+    global _state
+    with _lock:
+        if _state is None:
+            storage = Storage(settings)
+            store = RedisJobStore(settings.state_redis_url())
+            runtime = runtime or load_runtime(settings)
+            _state = WorkerState(settings, store, ChunkContext.create(runtime, storage, settings))
+        return _state
+
+
+def worker_state() -> WorkerState:
+    """The state built by ``init_worker_state``; a task running without it is a set-up bug."""
+    if _state is None:
+        raise RuntimeError("worker state is not initialised: start workers with `sam3-batch worker`")
+    return _state

@@ -1,0 +1,111 @@
+"""The chunk task: a thin Celery wrapper over ``process_chunk`` plus idempotent counting."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+from pydantic import ValidationError
+
+from contracts.errors import JobCancelledError, is_transient, reason_of
+from contracts.jobstate import UnknownJobError
+from contracts.queue import TASK_NAME
+from contracts.report import finalize_if_complete
+from contracts.schemas import ChunkMessage, ItemOutcome
+from worker import metrics
+from worker.celery_app import app
+from worker.pipeline import ChunkResult, process_chunk
+from worker.state import WorkerState, worker_state
+
+log = logging.getLogger(__name__)
+
+
+def retry_countdown(retries: int) -> float:
+    """Exponential backoff between task-level retries: 2, 4, 8 ... seconds, at most 60."""
+    return float(min(2 ** (retries + 1), 60))
+
+
+def _whole_chunk_failed(chunk: ChunkMessage, exc: BaseException) -> ChunkResult:
+    reason = f"internal error: {reason_of(exc)}"
+    outcomes = [ItemOutcome(uri=i.uri, status="failed", reason=reason, out_key=i.out_key) for i in chunk.items]
+    return ChunkResult(outcomes=outcomes)
+
+
+def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> None:
+    counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
+    metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
+    finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
+
+
+def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
+    """Why this chunk needs no work at all, or None when it must be processed."""
+    if state.store.is_chunk_recorded(chunk.job_id, chunk.chunk_id):
+        return "duplicate"  # a redelivery of a chunk that already finished
+    try:
+        state.spec(chunk.job_id)
+    except UnknownJobError:
+        log.error("dropping chunk %s: unknown job %s", chunk.chunk_id, chunk.job_id)
+        return "unknown-job"
+    if chunk.generation != state.store.generation(chunk.job_id):
+        return "stale"  # planned before a resume replanned the job: the new plan covers its images
+    if state.store.is_cancelled(chunk.job_id):
+        metrics.CHUNKS.labels(result="cancelled").inc()
+        return "cancelled"
+    return None
+
+
+def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult:
+    """Run the pipeline; transient trouble becomes a task retry until the last attempt."""
+    first_start = state.store.mark_chunk_started(chunk.job_id, chunk.chunk_id)
+    retries = int(task.request.retries or 0)
+    final_attempt = retries >= state.settings.task_retries
+    try:
+        result = process_chunk(
+            chunk, state.spec(chunk.job_id), state.chunk_context,
+            check_done=not first_start or retries > 0, final_attempt=final_attempt,
+            should_stop=lambda: state.store.is_cancelled(chunk.job_id),
+        )
+    except JobCancelledError:
+        raise
+    except Exception as exc:
+        if is_transient(exc) and not final_attempt:
+            raise task.retry(exc=exc, countdown=retry_countdown(retries)) from exc
+        log.exception("chunk %s failed as a whole", chunk.chunk_id)
+        return _whole_chunk_failed(chunk, exc)
+    if result.retry_later:
+        log.warning("chunk %s: %d items hit transient errors; retrying", chunk.chunk_id,
+                    len(result.retry_later))
+        raise task.retry(countdown=retry_countdown(retries))
+    return result
+
+
+def run_chunk_task(task: Task, message: dict[str, Any]) -> str:
+    """Process one chunk message; returns how it ended (for logs and tests)."""
+    state = worker_state()
+    try:
+        chunk = ChunkMessage.model_validate(message)
+    except ValidationError as exc:
+        log.error("dropping a malformed chunk message: %s", reason_of(exc))
+        return "invalid"
+    skip = _reason_to_skip(state, chunk)
+    if skip:
+        return skip
+    try:
+        result = _process(task, state, chunk)
+    except JobCancelledError:
+        return "cancelled"
+    try:
+        _record(state, chunk, result)
+    except Exception as exc:
+        # Outputs are written; put the message back so a later run (which skips done images) counts it.
+        log.warning("chunk %s: could not record its outcome (%s); requeueing", chunk.chunk_id, reason_of(exc))
+        raise Reject(reason_of(exc), requeue=True) from exc
+    return "done"
+
+
+@app.task(bind=True, name=TASK_NAME, max_retries=None)  # type: ignore[untyped-decorator]
+def process_chunk_task(self: Task, message: dict[str, Any]) -> str:
+    """Celery entry point for one chunk message."""
+    return run_chunk_task(self, message)
