@@ -49,6 +49,8 @@ class ChunkContext:
 
     @classmethod
     def create(cls, runtime: SegmentationRuntime, storage: Storage, settings: Settings) -> ChunkContext:
+        # One pixel limit for the process: Pillow's own bomb check then agrees with decode_image's.
+        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         return cls(
             runtime=runtime, storage=storage, settings=settings,
             io_pool=ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sam3-fetch"),

@@ -1,0 +1,162 @@
+"""Downloaded bytes -> an upright 8-bit RGB image for the model, or BadImageError with a readable reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from contracts.errors import BadImageError
+
+SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+)
+
+# Pillow is only allowed to try these parsers: PSD, EPS (which runs Ghostscript), ICO, ... are refused unread.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+# Transparent pixels are composited on white, the way viewers and browsers usually show them.
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+# The table ImageOps.exif_transpose uses. We apply it ourselves because exif_transpose also rewrites the
+# EXIF block, and that rewrite raises on corrupt tags that have nothing to do with the orientation.
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# Only used to word the reason when Pillow cannot parse a header that claims to be one of our formats.
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode to upright RGB: EXIF orientation applied, transparency on white, frame 0 of animations.
+
+    Raises BadImageError for anything but a whole image of an accepted format with at most
+    ``max_pixels`` pixels; the pixel count is checked from the header, before any pixel is decoded.
+    """
+    if not data:
+        raise BadImageError("empty file (0 bytes)")
+    image = _open(data)
+    _check_pixel_count(image.size, max_pixels)
+    _load(image)
+    return _to_rgb(_upright(image))
+
+
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise BadImageError(_unidentified_reason(data)) from exc
+    except _BOMB_ERRORS as exc:
+        # Pillow's own cap (2 x Image.MAX_IMAGE_PIXELS) fires in open(), before our check can.
+        raise BadImageError(f"image too large (possible decompression bomb): {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # header parsers raise many types on hostile input
+        claimed = _claimed_format(data) or "image"
+        raise BadImageError(f"corrupt or truncated {claimed} header: {_describe(exc)}") from exc
+
+
+def _unidentified_reason(data: bytes) -> str:
+    claimed = _claimed_format(data)
+    if claimed is not None:
+        return f"corrupt or truncated {claimed} header"
+    return "not a recognised image format (accepted: JPEG, PNG, GIF, WebP, BMP, TIFF)"
+
+
+def _claimed_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for sig, fmt in _SIGNATURES.items() if data.startswith(sig)), None)
+
+
+def _check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise BadImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise BadImageError(
+            f"image too large: {width}x{height} = {width * height:,} pixels is over the limit of "
+            f"{max_pixels:,} (possible decompression bomb)"
+        )
+
+
+def _load(image: Image.Image) -> None:
+    # A full decode is the only way to notice truncated or corrupt pixel data.
+    try:
+        image.load()
+    except _BOMB_ERRORS as exc:
+        raise BadImageError(f"image too large (possible decompression bomb): {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise BadImageError(f"corrupt or truncated image: {_describe(exc)}") from exc
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    method = _ORIENTATION_TRANSPOSE.get(_orientation(image))
+    return image if method is None else image.transpose(method)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # unreadable EXIF must not fail the image: treat it as upright
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    try:
+        return _convert(image)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise BadImageError(f"cannot convert pixel format {image.mode} to RGB: {_describe(exc)}") from exc
+
+
+def _convert(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_gray8(image).convert("RGB")
+    if image.has_transparency_data:
+        return _flatten_on_background(image)
+    return image.convert("RGB")
+
+
+def _sixteen_bit_to_gray8(image: Image.Image) -> Image.Image:
+    # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them. Mode "I" comes from
+    # 16-bit sources too, so both are mapped 0..65535 -> 0..255 (rounded).
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+
+
+def _flatten_on_background(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    flat = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    return flat
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{text} ({type(exc).__name__})" if text else type(exc).__name__

@@ -1,0 +1,115 @@
+"""Masks -> COCO RLE, PNG masks and masked images (as ``apply_mask`` in the hosted SAM 3 image API)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from contracts.schemas import RLE
+
+BoolMask = npt.NDArray[np.bool_]
+
+# zlib levels 1-3 share the fast deflate path. Measured at 2000x1500: level 3 takes the same time as 1 and
+# is ~7-10% smaller; level 6 is 40% (mask) to 50% (masked photo) slower. optimize=True would be slower still.
+PNG_COMPRESS_LEVEL = 3
+MASKED_JPEG_QUALITY = 90
+
+
+def encode_rle(mask: BoolMask) -> RLE:
+    """COCO RLE of one (H, W) bool mask; ``counts`` is the compressed string."""
+    _check_mask(mask, ndim=2)
+    raw = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return _to_rle(raw)
+
+
+def encode_rle_batch(masks: BoolMask) -> list[RLE]:
+    """COCO RLE of each of N (N, H, W) bool masks, in one pycocotools call."""
+    _check_mask(masks, ndim=3)
+    if masks.shape[0] == 0:
+        return []
+    # pycocotools wants (H, W, N) in Fortran order; this is the one copy the batch needs.
+    stacked = np.asfortranarray(masks.transpose(1, 2, 0), dtype=np.uint8)
+    return [_to_rle(raw) for raw in mask_utils.encode(stacked)]
+
+
+def decode_rle(rle: RLE) -> BoolMask:
+    """The (H, W) bool mask an RLE describes."""
+    decoded: npt.NDArray[np.uint8] = mask_utils.decode(_to_coco(rle))
+    return decoded.astype(bool)
+
+
+def rle_area(rle: RLE) -> int:
+    """Number of pixels set in the mask, computed from the RLE without decoding it."""
+    return int(mask_utils.area(_to_coco(rle)))
+
+
+def box_xyxy_to_xywh(
+    box_xyxy: Sequence[float] | npt.NDArray[np.floating],
+) -> tuple[float, float, float, float]:
+    """COCO ``bbox`` (x, y, width, height) from corner coordinates (x0, y0, x1, y1)."""
+    if len(box_xyxy) != 4:
+        raise ValueError(f"box_xyxy must have 4 values (x0, y0, x1, y1), got {len(box_xyxy)}")
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def union_of(masks: BoolMask) -> BoolMask:
+    """Pixel-wise OR of (N, H, W) masks; all False when N == 0."""
+    _check_mask(masks, ndim=3)
+    union: BoolMask = np.any(masks, axis=0)
+    return union
+
+
+def encode_png_mask(mask: BoolMask) -> bytes:
+    """A 1-bit PNG of one (H, W) bool mask (white = inside)."""
+    _check_mask(mask, ndim=2)
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def encode_masked_image(
+    image: Image.Image, union_mask: BoolMask, output_format: Literal["jpg", "png"]
+) -> bytes:
+    """Only the masked pixels of ``image``: png is RGBA, fully transparent outside; jpg is black outside."""
+    _check_mask(union_mask, ndim=2)
+    height, width = union_mask.shape
+    if image.size != (width, height):
+        raise ValueError(f"mask is {width}x{height} (WxH) but the image is {image.size[0]}x{image.size[1]}")
+    alpha = Image.fromarray(union_mask.view(np.uint8) * np.uint8(255))
+    # Pixels outside the mask are zeroed in both formats, so nothing hidden leaks through the RGB planes.
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    kept = Image.composite(rgb, Image.new("RGB", image.size), alpha)
+    buffer = io.BytesIO()
+    if output_format == "png":
+        kept.putalpha(alpha)
+        kept.save(buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
+    elif output_format == "jpg":
+        kept.save(buffer, format="JPEG", quality=MASKED_JPEG_QUALITY)
+    else:
+        raise ValueError(f"output_format must be 'jpg' or 'png', got {output_format!r}")
+    return buffer.getvalue()
+
+
+def _check_mask(mask: npt.NDArray[np.generic], *, ndim: int) -> None:
+    expected = "(H, W)" if ndim == 2 else "(N, H, W)"
+    if not isinstance(mask, np.ndarray) or mask.ndim != ndim:
+        shape = getattr(mask, "shape", type(mask).__name__)
+        raise ValueError(f"mask must be a {expected} array, got {shape}")
+    if mask.dtype != np.bool_:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+
+
+def _to_rle(raw: dict[str, Any]) -> RLE:
+    height, width = (int(v) for v in raw["size"])
+    return RLE(size=(height, width), counts=raw["counts"].decode("utf-8"))
+
+
+def _to_coco(rle: RLE) -> dict[str, Any]:
+    return {"size": list(rle.size), "counts": rle.counts.encode("utf-8")}
