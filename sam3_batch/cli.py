@@ -180,6 +180,28 @@ def retry_failed_cmd(job_id: str) -> None:
     out.print(f"resubmitted {count} failed images of {job_id}")
 
 
+@app.command("index")
+def index_cmd(job_id: str,
+              out_root: Annotated[str | None, typer.Option(
+                  "--out", "-o", help="Output root, for a job not in Redis (an embedded `run`).")] = None,
+              target_rows: Annotated[int, typer.Option(min=1, help="Rows per compacted file.")] = 1_000_000,
+              as_json: JsonOut = False) -> None:
+    """Compact a job's per-chunk Parquet parts into <output root>/_jobs/<job>/index/ for data lakes."""
+    from contracts.storage import Storage
+    from sam3_batch.index import compact_index
+
+    settings = _settings()
+    root = out_root or RedisJobStore(settings.state_redis_url()).spec(job_id).output_root
+    summary = compact_index(Storage(settings), root, job_id, target_rows=target_rows)
+    if as_json:
+        out.print_json(json.dumps(summary.as_dict()))
+        return
+    out.print(f"{job_id}: {summary.rows} rows ({summary.images} images, {summary.instances} instances) "
+              f"from {summary.parts_read} parts -> {summary.files_written} files", markup=False, highlight=False)
+    for uri in summary.uris:
+        out.print(f"  {uri}", markup=False, highlight=False)
+
+
 def main() -> None:
     """Console entry point: readable errors instead of tracebacks for expected failures."""
     try:

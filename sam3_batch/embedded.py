@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from contracts.jobstate import JobStore
 from contracts.schemas import ChunkMessage, JobSpec
+from worker.parquet_parts import write_chunk_part
 from worker.pipeline import ChunkContext, process_chunk
 
 
@@ -21,5 +22,6 @@ class InlineDispatcher:
 
     def send(self, chunk: ChunkMessage) -> None:
         result = process_chunk(chunk, self.spec, self.context)
+        write_chunk_part(self.context.storage, self.spec.output_root, chunk.job_id, chunk.chunk_id, result.metadata)
         self.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
         self.on_chunk()

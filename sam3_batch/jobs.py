@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -116,7 +117,7 @@ def retry_failed(settings: Settings, job_id: str) -> int:
     store.spec(job_id)  # raises UnknownJobError early
     failures = store.reopen_failures(job_id)
     dispatcher = celery_dispatcher(settings, store)
-    stamp = time.strftime("%H%M%S")
+    stamp = secrets.token_hex(4)  # unique per retry: chunk ids must never repeat within a job
     for start in range(0, len(failures), settings.chunk_size):
         batch = failures[start:start + settings.chunk_size]
         items = [WorkItem(uri=f.uri, out_key=f.out_key or "") for f in batch]

@@ -16,6 +16,7 @@ from contracts.report import finalize_if_complete
 from contracts.schemas import ChunkMessage, ItemOutcome
 from worker import metrics
 from worker.celery_app import app
+from worker.parquet_parts import write_chunk_part
 from worker.pipeline import ChunkResult, process_chunk
 from worker.state import WorkerState, worker_state
 
@@ -34,6 +35,9 @@ def _whole_chunk_failed(chunk: ChunkMessage, exc: BaseException) -> ChunkResult:
 
 
 def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> None:
+    # The part must exist before the chunk counts as done: a crash in between redelivers the chunk.
+    output_root = state.spec(chunk.job_id).output_root
+    write_chunk_part(state.chunk_context.storage, output_root, chunk.job_id, chunk.chunk_id, result.metadata)
     counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
     finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
