@@ -28,6 +28,11 @@ def retry_countdown(retries: int) -> float:
     return float(min(2 ** (retries + 1), 60))
 
 
+def _ids(chunk: ChunkMessage) -> dict[str, str]:
+    """Log extras so JSON log lines carry the job and chunk ids."""
+    return {"job_id": chunk.job_id, "chunk_id": chunk.chunk_id}
+
+
 def _whole_chunk_failed(chunk: ChunkMessage, exc: BaseException) -> ChunkResult:
     reason = f"internal error: {reason_of(exc)}"
     outcomes = [ItemOutcome(uri=i.uri, status="failed", reason=reason, out_key=i.out_key) for i in chunk.items]
@@ -40,6 +45,9 @@ def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> Non
     write_chunk_part(state.chunk_context.storage, output_root, chunk.job_id, chunk.chunk_id, result.metadata)
     counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
+    failed = sum(1 for o in result.outcomes if o.status == "failed")
+    log.info("chunk %s finished: %d done, %d failed, model %.2fs", chunk.chunk_id, len(result.outcomes) - failed,
+             failed, result.model_seconds, extra=_ids(chunk))
     finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
 
 
@@ -50,7 +58,7 @@ def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
     try:
         state.spec(chunk.job_id)
     except UnknownJobError:
-        log.error("dropping chunk %s: unknown job %s", chunk.chunk_id, chunk.job_id)
+        log.error("dropping chunk %s: unknown job %s", chunk.chunk_id, chunk.job_id, extra=_ids(chunk))
         return "unknown-job"
     if chunk.generation != state.store.generation(chunk.job_id):
         return "stale"  # planned before a resume replanned the job: the new plan covers its images
@@ -76,11 +84,11 @@ def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult
     except Exception as exc:
         if is_transient(exc) and not final_attempt:
             raise task.retry(exc=exc, countdown=retry_countdown(retries)) from exc
-        log.exception("chunk %s failed as a whole", chunk.chunk_id)
+        log.exception("chunk %s failed as a whole", chunk.chunk_id, extra=_ids(chunk))
         return _whole_chunk_failed(chunk, exc)
     if result.retry_later:
         log.warning("chunk %s: %d items hit transient errors; retrying", chunk.chunk_id,
-                    len(result.retry_later))
+                    len(result.retry_later), extra=_ids(chunk))
         raise task.retry(countdown=retry_countdown(retries))
     return result
 
@@ -104,7 +112,8 @@ def run_chunk_task(task: Task, message: dict[str, Any]) -> str:
         _record(state, chunk, result)
     except Exception as exc:
         # Outputs are written; put the message back so a later run (which skips done images) counts it.
-        log.warning("chunk %s: could not record its outcome (%s); requeueing", chunk.chunk_id, reason_of(exc))
+        log.warning("chunk %s: could not record its outcome (%s); requeueing", chunk.chunk_id, reason_of(exc),
+                    extra=_ids(chunk))
         raise Reject(reason_of(exc), requeue=True) from exc
     return "done"
 
