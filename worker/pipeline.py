@@ -68,6 +68,7 @@ class ChunkResult:
 
     outcomes: list[ItemOutcome] = field(default_factory=list)
     retry_later: list[ItemOutcome] = field(default_factory=list)
+    metadata: list[ImageMetadata] = field(default_factory=list)  # every done image's, for the index
     model_seconds: float = 0.0
 
 
@@ -83,7 +84,7 @@ class _Loaded:
 @dataclass(frozen=True)
 class _AlreadyDone:
     item: WorkItem
-    instances: int
+    metadata: ImageMetadata
 
 
 def _timed(timings: dict[str, float], stage: str, start: float) -> float:
@@ -117,7 +118,7 @@ def _existing_result(item: WorkItem, spec: JobSpec, storage: Storage) -> _Alread
     metadata = ImageMetadata.model_validate_json(storage.read_bytes(uri))
     if metadata.job_id != spec.job_id:
         return None
-    return _AlreadyDone(item, len(metadata.annotations))
+    return _AlreadyDone(item, metadata)
 
 
 def _failure(item: WorkItem, exc: BaseException, result: ChunkResult, final_attempt: bool) -> None:
@@ -162,9 +163,14 @@ class _ChunkRun:
                 _failure(item, exc, self.result, self.final_attempt)
                 continue
             if isinstance(loaded, _AlreadyDone):
-                self.result.outcomes.append(ItemOutcome(uri=item.uri, status="done", instances=loaded.instances))
+                self.done(item, loaded.metadata)
             else:
                 yield loaded
+
+    def done(self, item: WorkItem, metadata: ImageMetadata) -> None:
+        instances = len(metadata.annotations)
+        self.result.outcomes.append(ItemOutcome(uri=item.uri, status="done", instances=instances, out_key=item.out_key))
+        self.result.metadata.append(metadata)
 
     def run_batch(self, batch: list[_Loaded]) -> None:
         """One model call for the batch; if it fails, each image alone so one bad image fails alone."""
@@ -204,9 +210,8 @@ class _ChunkRun:
             except Exception as exc:
                 _failure(item, exc, self.result, self.final_attempt)
                 continue
-            instances = len(metadata.annotations)
-            self.result.outcomes.append(ItemOutcome(uri=item.uri, status="done", instances=instances))
-            metrics.count_image("done", instances)
+            self.done(item, metadata)
+            metrics.count_image("done", len(metadata.annotations))
 
 
 def _write(job: ImageJob, storage: Storage) -> ImageMetadata:

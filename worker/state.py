@@ -20,14 +20,12 @@ log = logging.getLogger(__name__)
 def load_runtime(settings: Settings) -> SegmentationRuntime:
     """Load the resident SAM 3 model named by settings (``tiny-random`` builds one offline)."""
     from worker.runtime import Sam3Runtime
-    from worker.tiny_model import resolve_model
 
     start = time.perf_counter()
     runtime = Sam3Runtime.load(
-        str(resolve_model(settings.model, None)), settings.model_revision,
-        device=settings.device, dtype=settings.dtype, compile=settings.compile,
+        settings.model, settings.model_revision, device=settings.device, dtype=settings.dtype,
+        compile=settings.compile,
     )
-    runtime.model_id = settings.model  # report the name the user gave, not a cache path
     metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - start)
     log.info("model %s loaded in %.1fs", settings.model, time.perf_counter() - start)
     return runtime

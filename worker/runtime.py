@@ -1,0 +1,237 @@
+"""The resident SAM 3 model: loaded once per worker, it segments batches of images with many prompts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from transformers import Sam3Model, Sam3Processor
+from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
+
+from contracts.schemas import Thresholds
+from worker.detections import PromptDetections
+from worker.sam3_adapter import as_text_embeds, select_vision_rows, text_features, to_detections
+from worker.tiny_model import resolve_model
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TEXT_CACHE_SIZE = 4096  # prompts; ~16 KB each for the full model in bf16
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image after the processor's resize + normalize, ready to stack into a batch."""
+
+    pixel_values: torch.Tensor  # (C, H, W) at the model's input size
+    original_size_hw: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _TextEmbedding:
+    features: torch.Tensor  # (1, tokens, hidden): the model's projected text features
+    attention_mask: torch.Tensor  # (1, tokens)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on GPU and float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+class Sam3Runtime:
+    """Batched SAM 3 inference: one vision pass per image for all its prompts, cached text embeddings."""
+
+    def __init__(
+        self,
+        model: Sam3Model,
+        processor: Sam3Processor,
+        *,
+        model_id: str,
+        revision: str | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+        self.revision = revision
+        self.device = device
+        self.dtype = dtype
+        text_config: Any = model.config.text_config
+        self._text_tokens = int(text_config.max_position_embeddings)
+        self._text_cache: OrderedDict[str, _TextEmbedding] = OrderedDict()
+        self._text_lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        revision: str | None,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+        *,
+        cache_dir: Path | None = None,
+    ) -> Sam3Runtime:
+        """Load model + processor (``tiny-random`` builds the offline test checkpoint) onto the device."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        source = resolve_model(model, cache_dir)
+        hub_revision = revision or "main"
+        processor = Sam3Processor.from_pretrained(source, revision=hub_revision)
+        network = Sam3Model.from_pretrained(
+            source, revision=hub_revision, dtype=torch_dtype, attn_implementation="sdpa"
+        )
+        module: torch.nn.Module = network  # as a plain Module: transformers' to()/eval() are untyped
+        module.to(torch_device).eval()
+        if compile:
+            # The ViT is most of the compute; the heads see a varying number of rows per batch.
+            network.vision_encoder.compile()
+        logger.info("loaded %s (revision %s) on %s as %s", model, revision, torch_device, torch_dtype)
+        return cls(
+            network, processor, model_id=model, revision=revision, device=torch_device, dtype=torch_dtype
+        )
+
+    def prepare(self, image: PIL.Image.Image) -> PreparedImage:
+        """CPU preprocessing of one decoded RGB image; safe to call from many threads at once."""
+        encoded = self.processor.image_processor(images=image, return_tensors="pt")
+        # The model casts pixels to its dtype first thing, so casting here only halves the bytes moved.
+        pixel_values = encoded["pixel_values"][0].to(self.dtype)
+        return PreparedImage(pixel_values=pixel_values, original_size_hw=(image.height, image.width))
+
+    def segment(
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
+    ) -> list[list[PromptDetections]]:
+        """Segment each image with its own prompts; ``result[i][j]`` is image i, prompt j."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompt lists")
+        if not images:
+            return []
+        with torch.inference_mode():
+            return self._segment_splitting_on_oom(images, prompts, thresholds)
+
+    def bare_forward(self, images: list[PreparedImage], prompt: str) -> None:
+        """The model forward alone on prepared images (no post-processing): the throughput ceiling."""
+        with torch.inference_mode():
+            features, attention_mask = self._text_rows([prompt] * len(images))
+            self.model(
+                pixel_values=self._stack(images),
+                text_embeds=as_text_embeds(features),
+                attention_mask=attention_mask,
+            )
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+    def _segment_splitting_on_oom(
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
+    ) -> list[list[PromptDetections]]:
+        try:
+            return self._segment_batch(images, prompts, thresholds)
+        except torch.OutOfMemoryError:
+            if len(images) == 1:
+                raise
+        # Retried outside the except block so the failed attempt's tensors (held by the traceback) are freed.
+        self._release_cached_memory()
+        half = len(images) // 2
+        logger.warning(
+            "out of GPU memory on %d images; retrying as %d + %d", len(images), half, len(images) - half
+        )
+        first = self._segment_splitting_on_oom(images[:half], prompts[:half], thresholds)
+        return first + self._segment_splitting_on_oom(images[half:], prompts[half:], thresholds)
+
+    def _segment_batch(
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
+    ) -> list[list[PromptDetections]]:
+        row_prompts = [prompt for image_prompts in prompts for prompt in image_prompts]
+        if not row_prompts:
+            return [[] for _ in images]
+        outputs = self._forward_batch(self._stack(images), prompts)
+        row_sizes = [
+            image.original_size_hw for image, plist in zip(images, prompts, strict=True) for _ in plist
+        ]
+        flat = to_detections(outputs, row_prompts, row_sizes, thresholds)
+        grouped: list[list[PromptDetections]] = []
+        for image_prompts in prompts:
+            grouped.append(flat[: len(image_prompts)])
+            flat = flat[len(image_prompts) :]
+        return grouped
+
+    def _forward_batch(
+        self, pixel_values: torch.Tensor, prompts: list[list[str]]
+    ) -> Sam3ImageSegmentationOutput:
+        """One vision pass for the batch, then one detector pass over every (image, prompt) row."""
+        vision = self.model.get_vision_features(pixel_values=pixel_values)
+        # Row k of the detector batch is (image rows[k], its next prompt); built on the host, no device sync.
+        image_of_row = [index for index, image_prompts in enumerate(prompts) for _ in image_prompts]
+        rows = torch.tensor(image_of_row, dtype=torch.long).to(self.device, non_blocking=True)
+        features, attention_mask = self._text_rows([p for image_prompts in prompts for p in image_prompts])
+        outputs: Sam3ImageSegmentationOutput = self.model(
+            vision_embeds=select_vision_rows(vision, rows),
+            text_embeds=as_text_embeds(features),
+            attention_mask=attention_mask,
+        )
+        return outputs
+
+    def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
+        batch = torch.stack([image.pixel_values for image in images])
+        return batch.to(self.device, dtype=self.dtype, non_blocking=True)
+
+    def _text_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features and attention masks for each prompt (cached when seen before), stacked as rows."""
+        embeddings = self._text_embeddings(prompts)
+        features = torch.cat([embeddings[prompt].features for prompt in prompts])
+        mask = torch.cat([embeddings[prompt].attention_mask for prompt in prompts])
+        return features, mask
+
+    def _text_embeddings(self, prompts: list[str]) -> dict[str, _TextEmbedding]:
+        with self._text_lock:
+            found = {p: self._text_cache[p] for p in dict.fromkeys(prompts) if p in self._text_cache}
+            for prompt in found:
+                self._text_cache.move_to_end(prompt)
+            missing = [p for p in dict.fromkeys(prompts) if p not in found]
+            if missing:
+                found.update(self._encode_texts(missing))
+                self._remember(found, missing)
+        return found
+
+    def _encode_texts(self, prompts: list[str]) -> dict[str, _TextEmbedding]:
+        tokens = self.processor.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self._text_tokens,
+            truncation=True,  # the processor does not truncate; past 32 tokens the model would fail
+            return_tensors="pt",
+        ).to(self.device)
+        features = text_features(self.model.get_text_features(**tokens))
+        return {
+            prompt: _TextEmbedding(features[i : i + 1], tokens["attention_mask"][i : i + 1])
+            for i, prompt in enumerate(prompts)
+        }
+
+    def _remember(self, embeddings: dict[str, _TextEmbedding], prompts: list[str]) -> None:
+        for prompt in prompts:
+            self._text_cache[prompt] = embeddings[prompt]
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+
+    def _release_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+

@@ -1,0 +1,133 @@
+"""The one place that knows the transformers SAM 3 output layouts; turns them into ``PromptDetections``.
+
+It also knows the shapes of the vision/text features the runtime caches and feeds back in
+(``vision_embeds=``, ``text_embeds=``). ``to_detections`` re-implements the processor's
+``post_process_instance_segmentation`` on the model's device, in the same order of operations (sigmoid,
+score filter, bilinear upsampling, mask threshold), so results match the processor's; masks become bool
+on the device and only they cross to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
+
+from contracts.schemas import Thresholds
+from worker.detections import PromptDetections
+
+# Full-size float probabilities for this many pixels (x4 bytes) are upsampled at once: instances are
+# upsampled independently, so grouping them only bounds device memory and never changes a mask.
+UPSAMPLE_PIXEL_BUDGET = 64 * 1024 * 1024
+
+
+def to_detections(
+    outputs: Sam3ImageSegmentationOutput,
+    prompts: Sequence[str],
+    sizes_hw: Sequence[tuple[int, int]],
+    thresholds: Thresholds,
+) -> list[PromptDetections]:
+    """One ``PromptDetections`` per output row (one row per image-prompt pair).
+
+    ``prompts`` and ``sizes_hw`` name each row's prompt and its image's original (height, width).
+    """
+    logits = _required(outputs.pred_logits, "pred_logits")  # (R, Q)
+    boxes = _required(outputs.pred_boxes, "pred_boxes")  # (R, Q, 4) xyxy relative to the image
+    mask_logits = _required(outputs.pred_masks, "pred_masks")  # (R, Q, h, w) at the mask resolution
+    rows = logits.shape[0]
+    if len(prompts) != rows or len(sizes_hw) != rows:
+        raise ValueError(f"expected {rows} prompts and sizes, got {len(prompts)} and {len(sizes_hw)}")
+    # Float32 even when the model ran in bf16/fp16: thresholds near 0.5 need more than 8 mantissa bits.
+    scores = logits.float().sigmoid()
+    presence = _presence_scores(outputs.presence_logits)
+    if presence is not None:
+        scores = scores * presence[:, None]
+    # Scores, boxes and the keep mask are small: one transfer for the whole batch.
+    scores_host, boxes_host = scores.cpu(), boxes.float().cpu()
+    keep_host = scores_host > thresholds.score
+    presence_host = presence.cpu().tolist() if presence is not None else [None] * rows
+    detections = []
+    for row in range(rows):
+        kept = keep_host[row].nonzero().squeeze(1)  # host indices: no device sync per row
+        masks = _full_size_masks(
+            mask_logits[row].index_select(0, kept.to(mask_logits.device)), sizes_hw[row], thresholds.mask
+        )
+        detections.append(
+            PromptDetections(
+                prompt=prompts[row],
+                presence_score=presence_host[row],
+                scores=scores_host[row, kept].numpy().astype(np.float32),
+                boxes_xyxy=_scaled_boxes(boxes_host[row, kept], sizes_hw[row]),
+                masks=masks,
+            )
+        )
+    return detections
+
+
+def select_vision_rows(vision: Sam3VisionEncoderOutput, rows: torch.Tensor) -> Sam3VisionEncoderOutput:
+    """Vision features with row k taken from image ``rows[k]``, so one encoder pass serves many prompts."""
+    hidden = _required_levels(vision.fpn_hidden_states, "fpn_hidden_states")
+    positions = _required_levels(vision.fpn_position_encoding, "fpn_position_encoding")
+    return Sam3VisionEncoderOutput(
+        fpn_hidden_states=tuple(level.index_select(0, rows) for level in hidden),
+        fpn_position_encoding=tuple(level.index_select(0, rows) for level in positions),
+    )
+
+
+def text_features(text_output: BaseModelOutputWithPooling) -> torch.Tensor:
+    """The per-token projected features ``get_text_features`` returns (as ``pooler_output``): (B, T, D)."""
+    return _required(text_output.pooler_output, "pooler_output")
+
+
+def as_text_embeds(features: torch.Tensor) -> BaseModelOutputWithPooling:
+    """Wrap stacked ``text_features`` rows the way ``Sam3Model.forward(text_embeds=...)`` reads them."""
+    return BaseModelOutputWithPooling(pooler_output=features)
+
+
+def _required_levels(levels: tuple[torch.Tensor, ...] | None, name: str) -> tuple[torch.Tensor, ...]:
+    if levels is None:
+        raise ValueError(f"SAM 3 vision output has no {name}")
+    return levels
+
+
+def _required(tensor: torch.Tensor | None, name: str) -> torch.Tensor:
+    if tensor is None:
+        raise ValueError(f"SAM 3 output has no {name}")
+    return tensor
+
+
+def _presence_scores(presence_logits: torch.Tensor | None) -> torch.Tensor | None:
+    if presence_logits is None:
+        return None
+    return presence_logits.float().sigmoid().reshape(-1)
+
+
+def _scaled_boxes(relative_xyxy: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
+    height, width = size_hw
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return (relative_xyxy * scale).numpy().astype(np.float32).reshape(-1, 4)
+
+
+def _full_size_masks(mask_logits: torch.Tensor, size_hw: tuple[int, int], threshold: float) -> np.ndarray:
+    height, width = size_hw
+    count = mask_logits.shape[0]
+    if count == 0:
+        return np.zeros((0, height, width), dtype=np.bool_)
+    group = max(1, UPSAMPLE_PIXEL_BUDGET // (height * width))
+    parts = [
+        _upsample_and_threshold(mask_logits[start : start + group], size_hw, threshold).cpu()
+        for start in range(0, count, group)
+    ]
+    return torch.cat(parts).numpy()
+
+
+def _upsample_and_threshold(
+    mask_logits: torch.Tensor, size_hw: tuple[int, int], threshold: float
+) -> torch.Tensor:
+    probabilities = mask_logits.float().sigmoid()
+    upsampled = F.interpolate(probabilities[None], size=size_hw, mode="bilinear", align_corners=False)[0]
+    return upsampled > threshold
