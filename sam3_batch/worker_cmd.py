@@ -33,5 +33,5 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
         "--without-mingle", "--without-gossip",
     ]
     if settings.log_json:
-        argv.append("--quiet")  # no banner: every line on stderr stays one JSON object
+        argv.insert(0, "--quiet")  # a global celery option: no banner, so every stderr line stays JSON
     app.worker_main(argv)
