@@ -80,7 +80,7 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
     console.print(f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
                   f"in {report.wall_seconds:.1f}s -> {out_root}")
     for failure in report.failures[:20]:
-        console.print(f"  [red]failed[/red] {failure.uri}: {failure.reason}")
+        console.print(f"  [red]failed[/red] {failure.uri}: {failure.reason}", soft_wrap=True, highlight=False)
     if c.failed:
         raise typer.Exit(code=2)
 

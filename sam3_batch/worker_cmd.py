@@ -6,7 +6,6 @@ import logging
 import socket
 
 from celery.signals import worker_process_init
-from transformers.utils import logging as hf_logging
 
 from contracts.settings import Settings
 from worker import metrics
@@ -19,7 +18,6 @@ log = logging.getLogger(__name__)
 def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run the worker until it is told to stop (SIGTERM: warm shutdown, the chunk in hand finishes)."""
     app = configure_app(settings)
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # progress bars are log noise
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     if pool == "prefork":

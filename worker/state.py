@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 
 def load_runtime(settings: Settings) -> SegmentationRuntime:
     """Load the resident SAM 3 model named by settings (``tiny-random`` builds one offline)."""
+    from transformers.utils import logging as hf_logging
+
     from worker.runtime import Sam3Runtime
 
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # progress bars are log noise
     start = time.perf_counter()
     runtime = Sam3Runtime.load(
         settings.model, settings.model_revision, device=settings.device, dtype=settings.dtype,
