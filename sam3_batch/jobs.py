@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from contracts.jobstate import JobStore, RedisJobStore
 from contracts.jobstate_memory import MemoryJobStore
-from contracts.report import finalize_if_complete, write_report
+from contracts.report import build_report, finalize_if_complete
 from contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
 from contracts.settings import Settings
 from contracts.storage import Storage
@@ -60,8 +60,8 @@ def run_embedded(request: JobRequest, settings: Settings, on_chunk: ProgressHook
                      skip_existing=request.skip_existing)
     finally:
         context.close()
-    report = finalize_if_complete(store, storage, spec.job_id)
-    return report or write_report(store, storage, spec.job_id)
+    # run_producer wrote the report when the job completed; build it again only to return it.
+    return finalize_if_complete(store, storage, spec.job_id) or build_report(store, spec.job_id)
 
 
 class ProgressHook:

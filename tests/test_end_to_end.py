@@ -123,3 +123,24 @@ def test_manifest_with_missing_key_and_per_image_prompts_fails_only_that_image(
     status = run_cli(["status", job_id, "--json"], settings)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["state"] == "complete"
+
+
+@pytest.mark.slow
+def test_a_job_for_another_model_fails_with_a_reason_instead_of_using_the_wrong_model(
+    settings_factory: Any, tiny_checkpoint: Path, s3_client: Any, s3_bucket: str,
+    image_bytes_factory: Any, worker_factory: Any,
+) -> None:
+    settings = _settings(settings_factory, tiny_checkpoint)
+    _upload(s3_client, s3_bucket, "in/a.jpg", image_bytes_factory("jpeg"))
+    worker = worker_factory(settings)
+    submitted = run_cli(["submit", f"s3://{s3_bucket}/in/", "--prompt", "x", "--out", f"s3://{s3_bucket}/out/",
+                         "--model", "facebook/sam3", "--revision", "abc123", "--json"], settings)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    store = RedisJobStore(settings.state_redis_url())
+    counters = wait_for_job(store, job_id, workers=[worker])
+    assert (counters.done, counters.failed) == (0, 1)
+    [failure] = store.failures(job_id)
+    assert "asks for facebook/sam3 (revision abc123)" in failure.reason
+    listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="out/")
+    assert [o["Key"] for o in listed.get("Contents", []) if not o["Key"].startswith("out/_jobs/")] == []

@@ -33,8 +33,7 @@ def _ids(chunk: ChunkMessage) -> dict[str, str]:
     return {"job_id": chunk.job_id, "chunk_id": chunk.chunk_id}
 
 
-def _whole_chunk_failed(chunk: ChunkMessage, exc: BaseException) -> ChunkResult:
-    reason = f"internal error: {reason_of(exc)}"
+def _whole_chunk_failed(chunk: ChunkMessage, reason: str) -> ChunkResult:
     outcomes = [ItemOutcome(uri=i.uri, status="failed", reason=reason, out_key=i.out_key) for i in chunk.items]
     return ChunkResult(outcomes=outcomes)
 
@@ -68,8 +67,21 @@ def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
     return None
 
 
+def _model_mismatch(state: WorkerState, chunk: ChunkMessage) -> str | None:
+    """Masks must come from the model the job asked for: a worker serving another one refuses the chunk."""
+    spec, runtime = state.spec(chunk.job_id), state.chunk_context.runtime
+    if (spec.model_id, spec.model_revision) == (runtime.model_id, runtime.revision):
+        return None
+    return (f"this worker serves model {runtime.model_id} (revision {runtime.revision}) but the job asks for "
+            f"{spec.model_id} (revision {spec.model_revision}): run such jobs on their own queue")
+
+
 def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult:
     """Run the pipeline; transient trouble becomes a task retry until the last attempt."""
+    mismatch = _model_mismatch(state, chunk)
+    if mismatch:
+        log.error("chunk %s: %s", chunk.chunk_id, mismatch, extra=_ids(chunk))
+        return _whole_chunk_failed(chunk, mismatch)
     first_start = state.store.mark_chunk_started(chunk.job_id, chunk.chunk_id)
     retries = int(task.request.retries or 0)
     final_attempt = retries >= state.settings.task_retries
@@ -85,7 +97,7 @@ def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult
         if is_transient(exc) and not final_attempt:
             raise task.retry(exc=exc, countdown=retry_countdown(retries)) from exc
         log.exception("chunk %s failed as a whole", chunk.chunk_id, extra=_ids(chunk))
-        return _whole_chunk_failed(chunk, exc)
+        return _whole_chunk_failed(chunk, f"internal error: {reason_of(exc)}")
     if result.retry_later:
         log.warning("chunk %s: %d items hit transient errors; retrying", chunk.chunk_id,
                     len(result.retry_later), extra=_ids(chunk))
