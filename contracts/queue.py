@@ -42,7 +42,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": True,
         "worker_proc_alive_timeout": 900,  # a prefork child loads the model in worker_process_init
         "worker_send_task_events": True,  # Flower
-        "task_send_sent_event": True,
+        # No task-sent events: one extra publish per chunk on the producer's hot path; Flower still
+        # sees received/started/succeeded from the workers.
+        "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }

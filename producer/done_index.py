@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from array import array
 
 import numpy as np
 import numpy.typing as npt
@@ -24,12 +25,12 @@ class DoneIndex:
     @classmethod
     def from_output_root(cls, storage: Storage, output_root: str) -> DoneIndex:
         """List the output root once; every metadata JSON found marks its image done."""
-        found: list[int] = []
+        found = array("Q")  # 8 bytes per key while listing, not a Python int object each
         for obj in storage.list_objects(output_root):
             out_key = out_key_of_metadata(obj.relative_key)
             if out_key is not None:
                 found.append(_hash64(out_key))
-        return cls(np.array(found, dtype=np.uint64))
+        return cls(np.frombuffer(found, dtype=np.uint64) if found else np.zeros(0, dtype=np.uint64))
 
     def __len__(self) -> int:
         return int(self._hashes.shape[0])

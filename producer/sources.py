@@ -145,7 +145,19 @@ class UrlSource:
 
 
 def open_source(storage: Storage, inputs: list[str], manifest: str | None = None) -> Source:
-    """Choose the source from what the user gave: a manifest, http(s) URLs, or one prefix/folder."""
+    """Choose the source from what the user gave: a manifest, http(s) URLs, or one prefix/folder.
+
+    An S3 Inventory ``manifest.json`` (given as ``--manifest`` or as the only input) is read with
+    ``InventorySource``; with ``--manifest``, one input names the prefix to take from the inventory.
+    """
+    from producer.inventory import InventorySource, is_inventory_manifest  # it imports this module
+
+    if manifest and is_inventory_manifest(manifest):
+        if len(inputs) > 1:
+            raise BadUriError("with an S3 Inventory manifest, give at most one prefix to take from it")
+        return InventorySource(storage, manifest, prefix=inputs[0] if inputs else "")
+    if len(inputs) == 1 and not manifest and is_inventory_manifest(inputs[0]):
+        return InventorySource(storage, inputs[0])
     if manifest:
         return ManifestSource(storage, manifest)
     if inputs and all(i.startswith(("http://", "https://")) for i in inputs):
