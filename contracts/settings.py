@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     model_revision: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=0)  # images per model batch; 0: automatic (from free GPU memory)
     compile: bool = False
     io_threads: int = Field(8, ge=1)
 

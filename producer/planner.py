@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from contracts.redact import redact
 from contracts.schemas import ChunkMessage, Failure, WorkItem
 from producer.sources import SourceEntry, SourceItem, SourceProblem
 
@@ -57,7 +59,20 @@ def plan_chunks(
         yield PlannedChunk(_message(job_id, seq, generation, items), seq, position, skipped, problems)
 
 
+def _has_credentials(uri: str) -> bool:
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # malformed: the storage layer says why when it reads it
+        return False
+    return parts.username is not None or parts.password is not None
+
+
 def _work_item(entry: SourceItem) -> WorkItem | SourceProblem:
+    if _has_credentials(entry.uri):
+        # Refused before it becomes a work item: its password would reach queue messages, output keys,
+        # failures and the job report.
+        return SourceProblem(redact(entry.uri), "credentials in URLs are not supported: give the worker "
+                             "access to the source instead", entry.position)
     try:
         return WorkItem(uri=entry.uri, out_key=entry.out_key, prompts=entry.prompts)
     except ValidationError as exc:

@@ -60,12 +60,17 @@ def run_producer(
 
     Each chunk is sent BEFORE it is registered with its checkpoint: a crash in between re-sends the
     same chunk id after a restart, which workers count once; the other order could lose a chunk.
+    ``skip_existing`` applies to a listing that starts afresh; a listing continued from a checkpoint
+    plans exactly the chunks it would have planned before, so that re-sent chunk has the same images.
     """
     job_id, summary = spec.job_id, ProducerSummary(spec.job_id)
     generation = store.generation(job_id)
     checkpoint = store.checkpoint(job_id)
     start_after, seq = (checkpoint.position, checkpoint.next_seq) if checkpoint else (None, 0)
-    done = DoneIndex.from_output_root(storage, spec.output_root) if skip_existing else None
+    # Skipping done images on a continued listing would change which images the re-sent chunk id holds,
+    # and workers drop a chunk id they have already counted: its new images would never be processed.
+    use_done_index = skip_existing and checkpoint is None
+    done = DoneIndex.from_output_root(storage, spec.output_root) if use_done_index else None
     is_done = (lambda key: key in done) if done is not None else (lambda key: False)
 
     def cancelled() -> bool:

@@ -31,7 +31,7 @@ MaskThreshold = Annotated[float, typer.Option(min=0.0, max=1.0, help="Mask logit
 PngMasks = Annotated[bool, typer.Option(help="Also write one PNG per instance.")]
 Masked = Annotated[bool, typer.Option(help="Also write the masked image (as apply_mask).")]
 OutputFormat = Annotated[str, typer.Option(help="Masked image format: jpg or png.")]
-BatchSize = Annotated[int | None, typer.Option(min=1, help="Images per model batch.")]
+BatchSize = Annotated[int | None, typer.Option(min=0, help="Images per model batch (0: from free GPU memory).")]
 ChunkSize = Annotated[int | None, typer.Option(min=1, help="Images per queue message.")]
 SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata already exists.")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]

@@ -6,6 +6,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+import redis
+
 from contracts.jobstate import JobStore, RedisJobStore
 from contracts.jobstate_memory import MemoryJobStore
 from contracts.report import build_report, finalize_if_complete
@@ -70,12 +72,20 @@ class ProgressHook:
     def __call__(self, store: JobStore, job_id: str) -> None: ...
 
 
+def _broker_client(settings: Settings, store: RedisJobStore) -> redis.Redis:
+    """A client on the broker Redis, where the queue is (job state may live on another Redis)."""
+    broker_url = settings.broker_url.get_secret_value()
+    if broker_url == settings.state_redis_url():
+        return store.client
+    return RedisJobStore(broker_url).client  # the same reconnect-with-backoff policy as job state
+
+
 def celery_dispatcher(settings: Settings, store: RedisJobStore) -> CeleryDispatcher:
-    """A dispatcher onto the Celery queue, with backpressure read from the same Redis."""
+    """A dispatcher onto the Celery queue, with backpressure read from the broker's queue length."""
     from contracts.queue import make_celery
 
     app = make_celery(settings, name="sam3_batch_producer")
-    depth = QueueDepth(store.client, settings.queue)
+    depth = QueueDepth(_broker_client(settings, store), settings.queue)
     backpressure = Backpressure(depth, settings.queue_high_water, settings.queue_low_water)
     return CeleryDispatcher(app, settings.queue, backpressure)
 

@@ -51,6 +51,8 @@ class ChunkContext:
     def create(cls, runtime: SegmentationRuntime, storage: Storage, settings: Settings) -> ChunkContext:
         # One pixel limit for the process: Pillow's own bomb check then agrees with decode_image's.
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+        if settings.batch_size == 0:  # automatic: what the runtime finds fits (free GPU memory)
+            settings = settings.model_copy(update={"batch_size": _automatic_batch_size(runtime)})
         return cls(
             runtime=runtime, storage=storage, settings=settings,
             io_pool=ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sam3-fetch"),
@@ -60,6 +62,12 @@ class ChunkContext:
     def close(self) -> None:
         self.io_pool.shutdown(wait=True)
         self.out_pool.shutdown(wait=True)
+
+
+def _automatic_batch_size(runtime: SegmentationRuntime) -> int:
+    # Optional in the protocol: a stand-in runtime without a memory probe gets the old default.
+    suggest = getattr(runtime, "suggest_batch_size", None)
+    return int(suggest()) if callable(suggest) else 8
 
 
 @dataclass

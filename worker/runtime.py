@@ -16,13 +16,26 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
 
 from contracts.schemas import Thresholds
 from worker.detections import PromptDetections
-from worker.sam3_adapter import as_text_embeds, select_vision_rows, text_features, to_detections
+from worker.sam3_adapter import (
+    UPSAMPLE_PIXEL_BUDGET,
+    as_text_embeds,
+    select_vision_rows,
+    text_features,
+    to_detections,
+)
 from worker.tiny_model import resolve_model
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_CACHE_SIZE = 4096  # prompts; ~16 KB each for the full model in bf16
+
+# Automatic batch size (settings.batch_size == 0). On the CPU a bigger batch buys nothing measurable.
+CPU_BATCH_SIZE = 8
+AUTO_BATCH_LIMIT = 64  # past this a GPU is saturated; bigger batches only add latency and host memory
+AUTO_BATCH_PROMPTS = 4  # prompts per image the probe assumes; jobs with more rely on the OOM split
+# Fraction of free GPU memory the batch may plan on: the rest absorbs allocator fragmentation.
+AUTO_BATCH_MEMORY_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def batch_size_for(free_bytes: int, fixed_bytes: int, per_image_bytes: int, limit: int = AUTO_BATCH_LIMIT) -> int:
+    """The most images per batch whose memory (``fixed + n * per_image``) fits a share of ``free_bytes``."""
+    budget = int(free_bytes * AUTO_BATCH_MEMORY_SHARE) - max(fixed_bytes, 0)
+    if per_image_bytes <= 0:
+        return limit
+    return max(1, min(limit, budget // per_image_bytes))
+
+
 class Sam3Runtime:
     """Batched SAM 3 inference: one vision pass per image for all its prompts, cached text embeddings."""
 
@@ -78,6 +99,9 @@ class Sam3Runtime:
         self._text_tokens = int(text_config.max_position_embeddings)
         self._text_cache: OrderedDict[str, _TextEmbedding] = OrderedDict()
         self._text_lock = threading.Lock()
+        # One batch on the model at a time: chunks handled in parallel (threads pool) overlap their I/O,
+        # never their activations, so the batch size planned for the free memory stays valid.
+        self._model_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -113,8 +137,15 @@ class Sam3Runtime:
         """CPU preprocessing of one decoded RGB image; safe to call from many threads at once."""
         encoded = self.processor.image_processor(images=image, return_tensors="pt")
         # The model casts pixels to its dtype first thing, so casting here only halves the bytes moved.
-        pixel_values = encoded["pixel_values"][0].to(self.dtype)
-        return PreparedImage(pixel_values=pixel_values, original_size_hw=(image.height, image.width))
+        pixels: torch.Tensor = encoded["pixel_values"][0]
+        if self.device.type == "cuda":
+            # Page-locked, filled here in the loader threads: the batch's host-to-GPU copy is then
+            # asynchronous and the thread feeding the GPU does no host memcpy of its own.
+            pinned = torch.empty(pixels.shape, dtype=self.dtype, pin_memory=True)
+            pixels = pinned.copy_(pixels)
+        else:
+            pixels = pixels.to(self.dtype)
+        return PreparedImage(pixel_values=pixels, original_size_hw=(image.height, image.width))
 
     def segment(
         self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
@@ -124,12 +155,12 @@ class Sam3Runtime:
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompt lists")
         if not images:
             return []
-        with torch.inference_mode():
+        with self._model_lock, torch.inference_mode():
             return self._segment_splitting_on_oom(images, prompts, thresholds)
 
     def bare_forward(self, images: list[PreparedImage], prompt: str) -> None:
         """The model forward alone on prepared images (no post-processing): the throughput ceiling."""
-        with torch.inference_mode():
+        with self._model_lock, torch.inference_mode():
             features, attention_mask = self._text_rows([prompt] * len(images))
             self.model(
                 pixel_values=self._stack(images),
@@ -138,6 +169,52 @@ class Sam3Runtime:
             )
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+
+    def suggest_batch_size(self, prompts_per_image: int = AUTO_BATCH_PROMPTS, limit: int = AUTO_BATCH_LIMIT) -> int:
+        """Images per batch for this device: on CUDA, what fits the free memory, probed with 1 and 2 images.
+
+        The probe runs the real ``segment`` (all queries kept, so post-processing peaks too) on black
+        images at the model's input size; the difference between the two peaks is the cost of one image.
+        """
+        if self.device.type != "cuda":
+            return min(CPU_BATCH_SIZE, limit)
+        try:
+            one = self._probe_peak_bytes(1, prompts_per_image)
+            two = self._probe_peak_bytes(2, prompts_per_image)
+        except torch.OutOfMemoryError:
+            self._release_cached_memory()
+            logger.warning("automatic batch size: 2 images do not fit in GPU memory; using 1")
+            return 1
+        per_image = max(two - one, 1)
+        # Full-size masks of a large photo are upsampled in groups bounded by this budget (float + bool).
+        fixed = one - per_image + UPSAMPLE_PIXEL_BUDGET * 5
+        free_bytes, _total = torch.cuda.mem_get_info(self.device)
+        chosen = batch_size_for(free_bytes, fixed, per_image, limit)
+        logger.info(
+            "automatic batch size %d: %.0f MiB free, %.0f MiB per image, %.0f MiB fixed (%d prompts per image)",
+            chosen, free_bytes / 2**20, per_image / 2**20, fixed / 2**20, prompts_per_image,
+        )
+        return chosen
+
+    def _probe_peak_bytes(self, images: int, prompts_per_image: int) -> int:
+        """Peak GPU memory above the resident weights while segmenting ``images`` blank images."""
+        side = self._input_side()
+        blank = self.prepare(PIL.Image.new("RGB", (side, side)))
+        prompts = [f"probe {index}" for index in range(prompts_per_image)]
+        torch.cuda.synchronize(self.device)
+        self._release_cached_memory()
+        baseline = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        # Not segment(): its OOM split would hide the very limit being measured.
+        with self._model_lock, torch.inference_mode():
+            self._segment_batch([blank] * images, [prompts] * images, Thresholds(score=0.0, mask=0.5))
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        self._release_cached_memory()
+        return peak
+
+    def _input_side(self) -> int:
+        size: Any = self.processor.image_processor.size
+        return int(size["height"])
 
     def _segment_splitting_on_oom(
         self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
@@ -190,8 +267,11 @@ class Sam3Runtime:
         return outputs
 
     def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
-        batch = torch.stack([image.pixel_values for image in images])
-        return batch.to(self.device, dtype=self.dtype, non_blocking=True)
+        if self.device.type == "cuda":
+            # Each image is already pinned (prepare): asynchronous copies, stacked on the device.
+            on_device = [image.pixel_values.to(self.device, non_blocking=True) for image in images]
+            return torch.stack(on_device).to(self.dtype)
+        return torch.stack([image.pixel_values for image in images]).to(self.device, dtype=self.dtype)
 
     def _text_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features and attention masks for each prompt (cached when seen before), stacked as rows."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -67,6 +69,24 @@ def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
     return None
 
 
+def _superseded(state: WorkerState, chunk: ChunkMessage) -> bool:
+    """True once the job was cancelled, or replanned by a resume, after this chunk was planned."""
+    return state.store.is_cancelled(chunk.job_id) or state.store.generation(chunk.job_id) != chunk.generation
+
+
+def _checked_at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
+    """``check`` asked at most once per period (it costs Redis round trips before every batch)."""
+    last_checked, answer = -seconds, False
+
+    def cached() -> bool:
+        nonlocal last_checked, answer
+        if not answer and time.monotonic() - last_checked >= seconds:
+            last_checked, answer = time.monotonic(), check()
+        return answer
+
+    return cached
+
+
 def _model_mismatch(state: WorkerState, chunk: ChunkMessage) -> str | None:
     """Masks must come from the model the job asked for: a worker serving another one refuses the chunk."""
     spec, runtime = state.spec(chunk.job_id), state.chunk_context.runtime
@@ -89,7 +109,7 @@ def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult
         result = process_chunk(
             chunk, state.spec(chunk.job_id), state.chunk_context,
             check_done=not first_start or retries > 0, final_attempt=final_attempt,
-            should_stop=lambda: state.store.is_cancelled(chunk.job_id),
+            should_stop=_checked_at_most_every(1.0, lambda: _superseded(state, chunk)),
         )
     except JobCancelledError:
         raise
@@ -120,6 +140,8 @@ def run_chunk_task(task: Task, message: dict[str, Any]) -> str:
         result = _process(task, state, chunk)
     except JobCancelledError:
         return "cancelled"
+    if chunk.generation != state.store.generation(chunk.job_id):
+        return "stale"  # a resume replanned the job while this chunk ran: the new plan counts its images
     try:
         _record(state, chunk, result)
     except Exception as exc:
