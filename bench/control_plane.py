@@ -114,11 +114,7 @@ def bench_settings(config: Config, redis_url: str, *, high: int, low: int) -> Se
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment a subprocess needs to rebuild exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    for name, value in settings.model_dump().items():
-        if value is None or name == "aws_secret_access_key":
-            continue
-        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-        env[f"{ENV_PREFIX}{name.upper()}"] = str(raw).lower() if isinstance(raw, bool) else str(raw)
+    env.update(settings.as_env())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return env
 

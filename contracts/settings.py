@@ -66,6 +66,16 @@ class Settings(BaseSettings):
             found.append(self.aws_secret_access_key.get_secret_value())
         return [s for s in found if s]
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``SAM3_BATCH_*`` variables, to start another process with exactly them."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None or name == "aws_secret_access_key":  # boto3 reads AWS_* itself
+                continue
+            raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(raw).lower() if isinstance(raw, bool) else str(raw)
+        return env
+
     def state_redis_url(self) -> str:
         """The Redis URL for job state (falls back to the broker)."""
         chosen = self.state_url or self.broker_url
