@@ -5,7 +5,6 @@ Every key of a job shares the hash tag ``{job_id}`` so a Redis Cluster keeps a j
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -248,7 +247,3 @@ class RedisJobStore:
         keys = [job_key(job_id, "counters"), *(job_key(job_id, p) for p in parts)]
         return int(self._start_generation(keys=keys, args=[]))
 
-
-def failure_json(failure: Failure) -> str:
-    """Stable JSON for a failure (used by the report and the CLI)."""
-    return json.dumps(failure.model_dump(), ensure_ascii=False)

@@ -13,9 +13,8 @@ from worker.pipeline import ChunkContext, process_chunk
 class InlineDispatcher:
     """Processes each chunk as soon as the producer plans it, and records it like a worker would."""
 
-    def __init__(self, spec: JobSpec, store: JobStore, context: ChunkContext,
-                 on_chunk: Callable[[], None] = lambda: None) -> None:
-        self.spec, self.store, self.context, self.on_chunk = spec, store, context, on_chunk
+    def __init__(self, spec: JobSpec, store: JobStore, context: ChunkContext) -> None:
+        self.spec, self.store, self.context = spec, store, context
 
     def wait_for_room(self, should_stop: Callable[[], bool]) -> None:
         """Never full: each chunk is processed before the next one is planned."""
@@ -24,4 +23,3 @@ class InlineDispatcher:
         result = process_chunk(chunk, self.spec, self.context)
         write_chunk_part(self.context.storage, self.spec.output_root, chunk.job_id, chunk.chunk_id, result.metadata)
         self.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
-        self.on_chunk()

@@ -44,7 +44,7 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
     )
 
 
-def run_embedded(request: JobRequest, settings: Settings, on_chunk: ProgressHook | None = None) -> JobReport:
+def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
     from worker.pipeline import ChunkContext
     from worker.state import load_runtime
@@ -55,21 +55,14 @@ def run_embedded(request: JobRequest, settings: Settings, on_chunk: ProgressHook
     store = MemoryJobStore()
     spec = build_spec(request, settings)  # after the model load, so throughput counts the work only
     store.create(spec)
-    hook = (lambda: on_chunk(store, spec.job_id)) if on_chunk else (lambda: None)
     try:
-        dispatcher = InlineDispatcher(spec, store, context, hook)
+        dispatcher = InlineDispatcher(spec, store, context)
         run_producer(spec, source, store, storage, dispatcher, settings.chunk_size,
                      skip_existing=request.skip_existing)
     finally:
         context.close()
     # run_producer wrote the report when the job completed; build it again only to return it.
     return finalize_if_complete(store, storage, spec.job_id) or build_report(store, spec.job_id)
-
-
-class ProgressHook:
-    """Called after each embedded chunk with the store and job id (the CLI draws progress with it)."""
-
-    def __call__(self, store: JobStore, job_id: str) -> None: ...
 
 
 def _broker_client(settings: Settings, store: RedisJobStore) -> redis.Redis:

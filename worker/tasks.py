@@ -50,6 +50,7 @@ def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> Non
     log.info("chunk %s finished: %d done, %d failed, model %.2fs", chunk.chunk_id, len(result.outcomes) - failed,
              failed, result.model_seconds, extra=_ids(chunk))
     finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
+    metrics.record_gpu_memory()
 
 
 def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
