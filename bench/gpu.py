@@ -58,7 +58,8 @@ class Config:
     e2e_batch: int  # 0: the automatic batch size
     chunk_size: int
     photo_wh: tuple[int, int]
-    io_threads: int
+    io_workers: int
+    io_mode: str
     threshold: float
 
 
@@ -82,7 +83,9 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--e2e-batch", type=int, default=0, help="0: what suggest_batch_size picks")
     parser.add_argument("--chunk-size", type=int, default=32)
     parser.add_argument("--photo-size", default="1500x1000", help="end-to-end photo size WxH")
-    parser.add_argument("--io-threads", type=int, default=8)
+    parser.add_argument("--io-workers", type=int, default=6, help="loaders, and as many writers")
+    parser.add_argument("--io-mode", default="processes", choices=("processes", "threads"),
+                        help="where loaders and writers run")
     parser.add_argument("--threshold", type=float, default=0.5, help="score threshold for end to end")
     args = parser.parse_args(argv)
     dtypes = tuple((args.dtypes or ("float32" if args.smoke else "bfloat16,float16,float32")).split(","))
@@ -91,7 +94,8 @@ def _arguments(argv: list[str] | None) -> Config:
         device=args.device, smoke=args.smoke, dtypes=dtypes, batch_sizes=tuple(int(b) for b in sizes.split(",")),
         compile=args.compile, e2e_images=args.e2e_images or (8 if args.smoke else 128),
         e2e_dtype=args.e2e_dtype or dtypes[0], e2e_batch=args.e2e_batch, chunk_size=args.chunk_size,
-        photo_wh=parse_size(args.photo_size), io_threads=args.io_threads, threshold=args.threshold,
+        photo_wh=parse_size(args.photo_size), io_workers=args.io_workers, io_mode=args.io_mode,
+        threshold=args.threshold,
     )
 
 
@@ -212,7 +216,8 @@ def _run_chunks(context: ChunkContext, spec: JobSpec, chunks: list[ChunkMessage]
 def end_to_end(runtime: Sam3Runtime, prepared: list[PreparedImage], config: Config, work_dir: Path) -> EndToEnd:
     """process_chunk on local JPEGs against the bare forward, at the same dtype and batch size."""
     batch = config.e2e_batch or runtime.suggest_batch_size(prompts_per_image=1)
-    settings = Settings(device=config.device, batch_size=batch, io_threads=config.io_threads)
+    settings = Settings(device=config.device, batch_size=batch, io_workers=config.io_workers,
+                        io_mode=config.io_mode)
     items = _photo_folder(work_dir / "photos", config)
     spec = JobSpec(job_id="gpu-bench", prompts=[PROMPT], thresholds=Thresholds(score=config.threshold),
                    output_root=f"file://{work_dir / 'out'}")
@@ -261,7 +266,8 @@ def e2e_table(e2e: EndToEnd, config: Config) -> str:
          f"**{e2e.two_chunks_at_once / e2e.bare:.2f}**"),
     ]
     return (f"end to end: {config.e2e_images} JPEGs of {config.photo_wh[0]}x{config.photo_wh[1]} on local disk, "
-            f"{config.e2e_dtype}, batch {e2e.batch}, chunks of {config.chunk_size}, {config.io_threads} io threads\n\n"
+            f"{config.e2e_dtype}, batch {e2e.batch}, chunks of {config.chunk_size}, {config.io_workers} loaders + "
+            f"{config.io_workers} writers as {config.io_mode}\n\n"
             + table(("path", "images/s", "÷ bare"), rows))
 
 

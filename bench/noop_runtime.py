@@ -24,15 +24,17 @@ def _nothing_found(prompt: str) -> PromptDetections:
     )
 
 
+def _prepare_nothing(image: Image.Image) -> Any:
+    """Nothing to precompute: there is no model."""
+    return None
+
+
 class NoopRuntime:
-    """``prepare`` keeps nothing and ``segment`` answers "no instance" for every prompt of every image."""
+    """``preparer`` keeps nothing and ``segment`` answers "no instance" for every prompt of every image."""
 
     model_id: str = NOOP_MODEL_ID
     revision: str | None = None
-
-    def prepare(self, image: Image.Image) -> Any:
-        """Nothing to precompute: there is no model."""
-        return None
+    preparer = staticmethod(_prepare_nothing)
 
     def segment(
         self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds

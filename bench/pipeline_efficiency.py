@@ -1,7 +1,7 @@
 """Pipeline bench: end-to-end images/s against the bare model, the naive loop, and mask encoding's share.
 
-    python -m bench.pipeline_efficiency                # 192 images, chunk sizes 8/32/128, ~4 minutes on 2 cores
-    python -m bench.pipeline_efficiency --images 64 --chunk-sizes 32 --pools solo:1   # ~1.5 minutes
+    python -m bench.pipeline_efficiency                # 192 images, chunks 8/32/128, 2 pools, 2 io modes: ~8 min
+    python -m bench.pipeline_efficiency --images 64 --chunk-sizes 32 --pools solo:1 --io-modes processes  # ~1.5 min
 
 Everything runs on one set of JPEG photos in a moto S3 server (its own process) and one private Redis:
 
@@ -12,8 +12,9 @@ Everything runs on one set of JPEG photos in a moto S3 server (its own process) 
      bare_forward``), measured in this process before and after the worker runs.
   2. the naive loop: the same images one at a time in this process (download, decode, prepare, segment
      a batch of one, write), as a user of a per-image API would: speed-up of the pipeline over it.
-  3. (chunk boundaries) the same job at several chunk sizes, with the solo pool (one chunk at a time)
-     and the threads pool with two chunks in flight (one loads while the other is on the model).
+  3. (chunk boundaries, I/O placement) the same job at several chunk sizes, with the solo pool (one chunk
+     at a time) and the threads pool with two chunks in flight (one loads while the other is on the model),
+     with the worker's loaders and writers as processes (the default) and as threads of its process.
   4. mask encoding: RLE / PNG encoding and upload per image, measured on the naive loop's detections,
      as a share of an image's total, and the worker's own encode+upload stage time.
 
@@ -33,11 +34,14 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import boto3
+import numpy as np
+import torch
+from PIL import Image
 
 from bench.common import (
     DEFAULT_WORK_DIR,
@@ -86,7 +90,8 @@ class Config:
     batch_size: int
     chunk_sizes: tuple[int, ...]
     pools: tuple[tuple[str, int], ...]
-    io_threads: int
+    io_modes: tuple[str, ...]
+    io_workers: int
     model_threads: int
     naive_images: int
     threshold: float
@@ -101,7 +106,8 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk-sizes", default="8,32,128", help="images per chunk message, comma-separated")
     parser.add_argument("--pools", default="solo:1,threads:2", help="worker pool:concurrency, comma-separated")
-    parser.add_argument("--io-threads", type=int, default=4)
+    parser.add_argument("--io-modes", default="processes,threads", help="where the worker's I/O stages run")
+    parser.add_argument("--io-workers", type=int, default=4, help="loaders, and as many writers")
     parser.add_argument("--model-threads", type=int, default=1, help="CPU cores the model gets")
     parser.add_argument("--naive-images", type=int, default=64, help="images for the one-at-a-time loop")
     parser.add_argument("--threshold", type=float, default=0.0, help="score threshold (0: every query kept)")
@@ -111,7 +117,8 @@ def _arguments(argv: list[str] | None) -> Config:
     pools = tuple((name, int(count)) for name, _, count in (p.partition(":") for p in args.pools.split(",")))
     return Config(
         images=args.images, size_wh=parse_size(args.size), batch_size=args.batch_size,
-        chunk_sizes=tuple(int(c) for c in args.chunk_sizes.split(",")), pools=pools, io_threads=args.io_threads,
+        chunk_sizes=tuple(int(c) for c in args.chunk_sizes.split(",")), pools=pools,
+        io_modes=tuple(args.io_modes.split(",")), io_workers=args.io_workers,
         model_threads=args.model_threads, naive_images=min(args.naive_images, args.images),
         threshold=args.threshold, work_dir=args.work_dir, json_out=args.json,
     )
@@ -150,6 +157,7 @@ class EncodingFigures:
 
 @dataclass
 class RunFigures:
+    io_mode: str
     pool: str
     concurrency: int
     chunk_size: int
@@ -157,8 +165,13 @@ class RunFigures:
     wall_s: float
     stage_ms: dict[str, float]
     worker_peak_rss_mb: float
+    stage_pss_mb: float  # the worker's stage processes (and their forkserver) at the end of the run
     ceiling: Ceiling
-    cpu_ms: dict[str, float]  # per image, by process: worker, moto (the S3 server), bench (submit + polling)
+    cpu_ms: dict[str, float]  # per image, by process: worker (+ its stage processes), moto, bench (submit + polling)
+
+    @property
+    def label(self) -> str:
+        return f"{self.pool} x{self.concurrency}, I/O in {self.io_mode}"
 
     @property
     def images_per_s(self) -> float:
@@ -198,7 +211,7 @@ class Figures:
 def bench_settings(config: Config, redis_url: str, s3_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "broker_url": redis_url, "queue": QUEUE, "s3_endpoint_url": s3_url, "model": "unset", "device": "cpu",
-        "dtype": "float32", "batch_size": config.batch_size, "io_threads": config.io_threads,
+        "dtype": "float32", "batch_size": config.batch_size, "io_workers": config.io_workers,
         "queue_high_water": 100_000, "queue_low_water": 0,
     }
     values.update(overrides)
@@ -259,10 +272,12 @@ def naive_loop(runtime: Sam3Runtime, settings: Settings, uris: list[str], config
         mark = _lap(stage_s, "preprocess", mark)
         [detections] = runtime.segment([prepared], [[PROMPT]], spec.thresholds)
         mark = _lap(stage_s, "model", mark)
-        job = ImageJob(spec, "naive", WorkItem(uri=uri, out_key=uri.rsplit("/", 1)[-1]), image, detections, {})
+        item = WorkItem(uri=uri, out_key=uri.rsplit("/", 1)[-1])
+        job = ImageJob.of_image(spec, "naive", item, image, detections, {})
         write_image_outputs(job, storage)
         _lap(stage_s, "encode_upload", mark)
-        keep.append(job)
+        if len(keep) < ENCODING_SAMPLE:  # with the pixels, for the masked-image encoding cost
+            keep.append(replace(job, rgb=torch.from_numpy(np.array(image))))
     wall = time.perf_counter() - start
     return NaiveFigures(len(uris), wall, {s: 1000.0 * v / len(uris) for s, v in stage_s.items()}, ceiling)
 
@@ -292,8 +307,10 @@ def encoding_costs(jobs: list[ImageJob], storage: Storage) -> EncodingFigures:
         for index, data in enumerate(pngs):
             storage.write_bytes(layout.mask_png_uri(0, index), data, "image/png")
         mark = _lap(totals, "upload_png", mark)
+        assert job.rgb is not None
+        image = Image.fromarray(job.rgb.numpy())
         for m in stacked:
-            encode_masked_image(job.image, union_of(m), "png")
+            encode_masked_image(image, union_of(m), "png")
         _lap(totals, "masked_png", mark)
     return EncodingFigures(len(jobs), masks / len(jobs), {k: 1000.0 * v / len(jobs) for k, v in totals.items()})
 
@@ -309,7 +326,7 @@ def _io_loop(settings: Settings, runtime: Sam3Runtime, uris: list[str], job: Ima
         image = decode_image(storage.read_bytes(uris[index % len(uris)]), max_pixels=settings.max_image_pixels)
         runtime.prepare(image)
         item = job.item.model_copy(update={"out_key": f"contention/{index}"})
-        write_image_outputs(ImageJob(job.spec, job.chunk_id, item, job.image, job.detections, {}), storage)
+        write_image_outputs(replace(job, item=item), storage)
         index += 1
         count()
 
@@ -381,11 +398,49 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (the worker's forkserver and stage processes), from /proc."""
+    found, pending = [], [pid]
+    while pending:
+        for task in Path(f"/proc/{pending.pop()}/task").glob("*/children"):
+            try:
+                children = [int(child) for child in task.read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and every live process below it."""
+    total = 0.0
+    for member in [pid, *descendants(pid)]:
+        try:
+            total += process_cpu_seconds(member)
+        except OSError:  # ended meanwhile
+            continue
+    return total
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size (shared pages split among their users) of these processes, in MiB."""
+    total = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in lines if line.startswith("Pss:"))
+    return total / 1024
+
+
 def end_to_end(config: Config, settings: Settings, runtime: Sam3Runtime, sample: list[PreparedImage],
-               moto_pid: int, pool: str, concurrency: int) -> list[RunFigures]:
+               moto_pid: int, io_mode: str, pool: str, concurrency: int) -> list[RunFigures]:
     """One worker with this pool; a warm-up job, then the timed job at each chunk size, each right after
     a ceiling measurement on ``sample`` (the worker idles meanwhile), so machine noise hits both alike."""
-    log = config.work_dir / f"worker-{pool}{concurrency}.log"
+    log = config.work_dir / f"worker-{io_mode}-{pool}{concurrency}.log"
+    settings = settings.model_copy(update={"io_mode": io_mode})
     worker = WorkerProcess(settings, log, pool=pool, concurrency=concurrency, threads=config.model_threads)
     runs = []
     try:
@@ -394,17 +449,18 @@ def end_to_end(config: Config, settings: Settings, runtime: Sam3Runtime, sample:
                 config.threshold)
         for chunk_size in config.chunk_sizes:
             ceiling = measure_ceiling(runtime, sample, config)
-            out = f"s3://{BUCKET}/out-{pool}{concurrency}-c{chunk_size}/"
+            out = f"s3://{BUCKET}/out-{io_mode}-{pool}{concurrency}-c{chunk_size}/"
             pids = {"worker": worker.process.pid, "moto": moto_pid, "bench": os.getpid()}
-            cpu_before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
             wall, stages = run_job(settings, worker, f"s3://{BUCKET}/in/", out, chunk_size, config.images,
                                    config.threshold)
-            cpu_ms = {name: 1000.0 * (process_cpu_seconds(pid) - cpu_before[name]) / config.images
+            cpu_ms = {name: 1000.0 * (tree_cpu_seconds(pid) - cpu_before[name]) / config.images
                       for name, pid in pids.items()}
-            run = RunFigures(pool, concurrency, chunk_size, config.images, wall, stages,
-                             peak_rss_mb(worker.process.pid), ceiling, cpu_ms)
+            run = RunFigures(io_mode, pool, concurrency, chunk_size, config.images, wall, stages,
+                             peak_rss_mb(worker.process.pid), pss_mb(descendants(worker.process.pid)), ceiling,
+                             cpu_ms)
             runs.append(run)
-            print(f"  {pool} x{concurrency}, chunks of {chunk_size}: {run.images_per_s:.2f} images/s, "
+            print(f"  {run.label}, chunks of {chunk_size}: {run.images_per_s:.2f} images/s, "
                   f"bare model just before {ceiling.bare:.2f}: {run.efficiency:.2f}", flush=True)
     finally:
         worker.stop()
@@ -432,8 +488,9 @@ def measure(config: Config, checkpoint: Path, redis_url: str, moto: Service) -> 
     figures.encoding = encoding_costs(kept[:ENCODING_SAMPLE], storage)
     figures.contention = contention(runtime, sample, settings, uris, kept[0], config)
     del kept
-    for pool, concurrency in config.pools:
-        figures.runs += end_to_end(config, settings, runtime, sample, moto.pid, pool, concurrency)
+    for io_mode in config.io_modes:
+        for pool, concurrency in config.pools:
+            figures.runs += end_to_end(config, settings, runtime, sample, moto.pid, io_mode, pool, concurrency)
     figures.ceiling_after = measure_ceiling(runtime, prepared, config)
     print(f"bare model again: {figures.ceiling_after.bare:.2f} images/s", flush=True)
     return figures
@@ -473,8 +530,8 @@ def report(figures: Figures, config: Config) -> str:
 
 
 def _default_run(figures: Figures) -> RunFigures:
-    """The run with the product's defaults (solo pool, chunks of 32), else the most efficient one."""
-    preferred = [r for r in figures.runs if r.chunk_size == 32 and r.pool == "solo"]
+    """The run with the product's defaults (I/O in processes, solo pool, chunks of 32), else the most efficient."""
+    preferred = [r for r in figures.runs if r.chunk_size == 32 and r.pool == "solo" and r.io_mode == "processes"]
     return preferred[0] if preferred else max(figures.runs, key=lambda r: r.efficiency)
 
 
@@ -487,11 +544,11 @@ def efficiency_section(figures: Figures, config: Config) -> str:
         ("bare model, measured just before the end-to-end run", f"{ceiling.bare:.2f}", "1.00"),
         (f"model + post-processing to host bool masks ({ceiling.instances_per_image:.0f} masks per image)",
          f"{ceiling.segment:.2f}", f"{ceiling.segment / ceiling.bare:.2f}"),
-        (f"end to end: S3 -> submit -> Redis -> worker ({run.pool} x{run.concurrency}, chunks of "
+        (f"end to end: S3 -> submit -> Redis -> worker ({run.label}, chunks of "
          f"{run.chunk_size}) -> S3", f"{run.images_per_s:.2f}", f"**{run.efficiency:.2f}**"),
     ]
     return (f"## 1. Pipeline efficiency (batch {config.batch_size}, {config.images} images, "
-            f"model on {config.model_threads} core(s), {config.io_threads} io threads)\n"
+            f"model on {config.model_threads} core(s), {config.io_workers} loaders + {config.io_workers} writers)\n"
             + table(("path", "images/s", "÷ bare model"), rows)
             + f"\n\nend to end ÷ (model + post-processing): {run.images_per_s / ceiling.segment:.2f}")
 
@@ -504,7 +561,7 @@ def naive_section(figures: Figures) -> str:
     rows = [
         (f"naive loop, one image at a time ({naive.images} images)", f"{naive.images_per_s:.2f}",
          f"{naive.ceiling.bare:.2f}", "1.00"),
-        (f"pipeline ({run.pool} x{run.concurrency}, chunks of {run.chunk_size})", f"{run.images_per_s:.2f}",
+        (f"pipeline ({run.label}, chunks of {run.chunk_size})", f"{run.images_per_s:.2f}",
          f"{run.ceiling.bare:.2f}", f"**{run.images_per_s / naive.images_per_s:.2f}x**"),
     ]
     return ("## 2. Against the naive loop\n"
@@ -517,18 +574,20 @@ def stall_section(figures: Figures) -> str:
     for run in figures.runs:
         # The model stage's share of the wall time; with two chunks in flight it also counts lock waits.
         busy = run.stage_ms.get("model", 0.0) * run.images / 1000.0 / run.wall_s
-        rows.append((f"{run.pool} x{run.concurrency}", str(run.chunk_size), f"{run.images_per_s:.2f}",
+        rows.append((run.io_mode, f"{run.pool} x{run.concurrency}", str(run.chunk_size), f"{run.images_per_s:.2f}",
                      f"{busy:.0%}" if run.concurrency == 1 else "n/a",
                      f"{run.ceiling.bare:.2f}", f"{run.efficiency:.2f}",
                      f"{run.images_per_s / run.ceiling.segment:.2f}",
                      " / ".join(f"{run.cpu_ms[name]:.0f}" for name in ("worker", "moto", "bench")),
-                     f"{run.worker_peak_rss_mb:.0f}"))
-    header = ("worker pool", "chunk size", "images/s", "model busy", "bare model just before", "÷ bare",
-              "÷ model + post-processing", "CPU ms/image: worker / S3 server / submit", "worker peak RSS MiB")
-    return ("## Chunk boundaries: efficiency by chunk size and pool\n" + table(header, rows)
+                     f"{run.worker_peak_rss_mb:.0f}", f"{run.stage_pss_mb:.0f}"))
+    header = ("I/O stages in", "worker pool", "chunk size", "images/s", "model busy", "bare model just before",
+              "÷ bare", "÷ model + post-processing", "CPU ms/image: worker / S3 server / submit",
+              "worker peak RSS MiB", "stage processes PSS MiB")
+    return ("## 3. Chunk boundaries and I/O placement: efficiency by chunk size, pool and io mode\n"
+            + table(header, rows)
             + "\n\nworker model stage, ms per image (solo pool: the model's own time; threads pool: includes "
               "waiting for the other chunk's batch): "
-            + ", ".join(f"{r.pool} x{r.concurrency} c{r.chunk_size} {r.stage_ms.get('model', 0.0):.0f}"
+            + ", ".join(f"{r.io_mode} {r.pool} x{r.concurrency} c{r.chunk_size} {r.stage_ms.get('model', 0.0):.0f}"
                         for r in figures.runs))
 
 
@@ -555,8 +614,8 @@ def encoding_section(figures: Figures) -> str:
             + table(("step", "ms per image", "share of sequential total, RLE only",
                      "share with PNG masks too"), rows)
             + f"\n\nsequential total per image: {rle_total:.1f} ms with RLE only, {png_total:.1f} ms with PNG "
-              f"masks too.\nIn the worker ({run.pool} x{run.concurrency}, chunks of {run.chunk_size}), ms per "
-              "image of thread time: " + ", ".join(f"{stage} {worker.get(stage, 0.0):.1f}" for stage in STAGES)
+              f"masks too.\nIn the worker ({run.label}, chunks of {run.chunk_size}), ms per "
+              "image of stage time: " + ", ".join(f"{stage} {worker.get(stage, 0.0):.1f}" for stage in STAGES)
             + f"; encode+upload is {worker.get('encode_upload', 0.0) / thread_total:.1%} of it and runs in the "
               "writer pool, off the model's path.")
 

@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=0)  # images per model batch; 0: automatic (from free GPU memory)
     compile: bool = False
-    io_threads: int = Field(8, ge=1)
+    # Download/decode/resize and encode/upload run beside the model in this many workers per stage:
+    # processes by default (no GIL shared with the model), or threads of the worker process.
+    io_mode: Literal["processes", "threads"] = "processes"
+    io_workers: int = Field(4, ge=1)
 
     # Operations
     metrics_port: int | None = None

@@ -1,5 +1,5 @@
-"""The pipelined chunk processing (loader threads, batches, writer threads) writes what a strictly
-sequential loop writes: read, decode, prepare, segment one image alone, write, next image."""
+"""The pipelined chunk processing (loader pool, batches, writer pool; the pools as processes or threads)
+writes what a strictly sequential loop writes: read, decode, prepare, segment one image alone, write."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from contracts.keys import OutputLayout
 from contracts.schemas import ChunkMessage, ImageMetadata, JobSpec, OutputOptions, Thresholds, WorkItem
@@ -29,7 +28,8 @@ PROMPTS = ["a red disc", "blue box"]
 THRESHOLDS = Thresholds(score=0.1, mask=0.5)
 OVERRIDE_PROMPTS = ["dog", "a red disc", "blue sky"]  # one item's own prompts, as from a manifest
 BATCH_SIZE = 3
-IO_THREADS = 4
+IO_WORKERS = 3
+IO_MODES = ["processes", "threads"]
 # Two scenes share a size (224x224) so that swapping results between same-sized images would show.
 SIZES_HW = (*SCENE_SIZES_HW, (224, 224), (640, 480), (333, 222), (400, 300))
 
@@ -43,8 +43,9 @@ class RecordingRuntime:
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
 
-    def prepare(self, image: Image.Image) -> Any:
-        return self.inner.prepare(image)
+    @property
+    def preparer(self) -> Any:
+        return self.inner.preparer
 
     def suggest_batch_size(self) -> int:
         return self.inner.suggest_batch_size()
@@ -72,11 +73,11 @@ def photo_items(tmp_path_factory: pytest.TempPathFactory) -> list[WorkItem]:
 
 def _spec(root: Path) -> JobSpec:
     return JobSpec(job_id="pipelined-vs-sequential", prompts=PROMPTS, thresholds=THRESHOLDS,
-                   outputs=OutputOptions(png_masks=True), output_root=f"file://{root}")
+                   outputs=OutputOptions(png_masks=True, masked_image=True), output_root=f"file://{root}")
 
 
-def _settings(batch_size: int) -> Settings:
-    return Settings(device="cpu", batch_size=batch_size, io_threads=IO_THREADS)
+def _settings(batch_size: int, io_mode: str = "processes") -> Settings:
+    return Settings(device="cpu", batch_size=batch_size, io_workers=IO_WORKERS, io_mode=io_mode)
 
 
 def _sequential(items: list[WorkItem], spec: JobSpec, runtime: Sam3Runtime) -> dict[str, ImageMetadata]:
@@ -87,15 +88,15 @@ def _sequential(items: list[WorkItem], spec: JobSpec, runtime: Sam3Runtime) -> d
     for item in items:
         image = decode_image(storage.read_bytes(item.uri), max_pixels=settings.max_image_pixels)
         [detections] = runtime.segment([runtime.prepare(image)], [list(item.prompts or spec.prompts)], spec.thresholds)
-        job = ImageJob(spec, "chunk-0", item, image, detections, timings_ms={})
+        job = ImageJob.of_image(spec, "chunk-0", item, image, detections, timings_ms={})
         found[item.uri] = write_image_outputs(job, storage)
     return found
 
 
 def _pipelined(items: list[WorkItem], spec: JobSpec, runtime: RecordingRuntime, batch_size: int,
-               chunks: int = 1) -> dict[str, ImageMetadata]:
+               chunks: int = 1, io_mode: str = "processes") -> dict[str, ImageMetadata]:
     """``process_chunk`` on the items; with ``chunks`` > 1, that many chunks at once on one context."""
-    settings = _settings(batch_size)
+    settings = _settings(batch_size, io_mode)
     context = ChunkContext.create(runtime, Storage(settings), settings)
     messages = [ChunkMessage(job_id=spec.job_id, chunk_id="chunk-0", items=items[start::chunks])
                 for start in range(chunks)]
@@ -115,8 +116,9 @@ def _stored(spec: JobSpec, item: WorkItem) -> ImageMetadata:
 
 
 def _comparable(metadata: ImageMetadata, root: str) -> dict[str, Any]:
-    """Everything but the timings, with the output root taken out of the PNG mask keys."""
+    """Everything but the timings, with the output root taken out of the PNG mask and masked image keys."""
     document = metadata.model_dump(exclude={"timings_ms"})
+    document["masked_image"] = document["masked_image"].removeprefix(root)
     for annotation in document["annotations"]:
         annotation["mask_png"] = annotation["mask_png"].removeprefix(root)
     return document
@@ -163,15 +165,16 @@ def test_the_comparison_has_instances_and_tells_same_sized_images_apart(
     assert [p.text for p in expected[photo_items[2].uri].prompts] == OVERRIDE_PROMPTS
 
 
+@pytest.mark.parametrize("io_mode", IO_MODES)
 def test_pipelined_with_batches_of_one_writes_exactly_what_the_sequential_loop_writes(
     sequential: tuple[JobSpec, dict[str, ImageMetadata]], photo_items: list[WorkItem],
-    tiny_runtime: Sam3Runtime, tmp_path: Path,
+    tiny_runtime: Sam3Runtime, tmp_path: Path, io_mode: str,
 ) -> None:
     sequential_spec, expected = sequential
     spec = _spec(tmp_path)
     runtime = RecordingRuntime(tiny_runtime)
 
-    found = _pipelined(photo_items, spec, runtime, batch_size=1)
+    found = _pipelined(photo_items, spec, runtime, batch_size=1, io_mode=io_mode)
 
     assert runtime.batch_sizes == [1] * len(photo_items)
     assert found.keys() == expected.keys()
@@ -184,6 +187,10 @@ def test_pipelined_with_batches_of_one_writes_exactly_what_the_sequential_loop_w
             sequential_png = sequential_spec.output_root + png.removeprefix(spec.output_root)
             storage = Storage(_settings(1))
             assert storage.read_bytes(png) == storage.read_bytes(sequential_png), png
+        masked = found[item.uri].masked_image or ""
+        sequential_masked = sequential_spec.output_root + masked.removeprefix(spec.output_root)
+        assert masked.startswith(spec.output_root), item.uri
+        assert Storage(_settings(1)).read_bytes(masked) == Storage(_settings(1)).read_bytes(sequential_masked)
 
 
 def test_pipelined_in_batches_gives_the_sequential_results_up_to_float_noise(
@@ -203,15 +210,17 @@ def test_pipelined_in_batches_gives_the_sequential_results_up_to_float_noise(
         assert _stored(spec, item) == found[item.uri]
 
 
+@pytest.mark.parametrize("io_mode", IO_MODES)
 def test_two_chunks_at_once_on_one_worker_give_the_sequential_results_up_to_float_noise(
     sequential: tuple[JobSpec, dict[str, ImageMetadata]], photo_items: list[WorkItem],
-    tiny_runtime: Sam3Runtime, tmp_path: Path,
+    tiny_runtime: Sam3Runtime, tmp_path: Path, io_mode: str,
 ) -> None:
     """As with ``sam3-batch worker --pool threads --concurrency 2``: two chunks share the model and pools."""
     _, expected = sequential
     spec = _spec(tmp_path)
 
-    found = _pipelined(photo_items, spec, RecordingRuntime(tiny_runtime), batch_size=BATCH_SIZE, chunks=2)
+    found = _pipelined(photo_items, spec, RecordingRuntime(tiny_runtime), batch_size=BATCH_SIZE, chunks=2,
+                       io_mode=io_mode)
 
     assert found.keys() == expected.keys()
     for item in photo_items:

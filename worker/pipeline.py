@@ -1,27 +1,40 @@
-"""``process_chunk``: fetch+decode in threads -> batched model -> encode+upload in threads.
+"""``process_chunk``: load in the loader pool -> batched model -> write in the writer pool.
 
-The Celery task and the embedded runner both call this one function.
+The model runs here, in the calling thread; loading (read, decode, prepare) and writing (encode, upload)
+run in stage pools (``worker.stage_pools``: processes by default). The Celery task and the embedded
+runner both call this one function.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
-from contracts.errors import JobCancelledError, is_transient, reason_of
-from contracts.keys import OutputLayout
+from contracts.errors import JobCancelledError
 from contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcome, JobSpec, Thresholds, WorkItem
 from contracts.settings import Settings
 from contracts.storage import Storage
 from worker import metrics
-from worker.decode import decode_image
 from worker.detections import PromptDetections
-from worker.writer import ImageJob, write_image_outputs
+from worker.io_stages import (
+    AlreadyDone,
+    LoadedImage,
+    LoadResult,
+    Preparer,
+    StageFailure,
+    WriteResult,
+    WrittenImage,
+    load_image,
+    write_image,
+)
+from worker.stage_pools import StagePool
+from worker.writer import ImageJob
 
 
 class SegmentationRuntime(Protocol):
@@ -30,7 +43,10 @@ class SegmentationRuntime(Protocol):
     model_id: str
     revision: str | None
 
-    def prepare(self, image: Image.Image) -> Any: ...
+    @property
+    def preparer(self) -> Preparer:
+        """Image -> model input; picklable, because loader processes run it."""
+        ...
 
     def segment(
         self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds
@@ -44,8 +60,8 @@ class ChunkContext:
     runtime: SegmentationRuntime
     storage: Storage
     settings: Settings
-    io_pool: ThreadPoolExecutor
-    out_pool: ThreadPoolExecutor
+    loaders: StagePool
+    writers: StagePool
 
     @classmethod
     def create(cls, runtime: SegmentationRuntime, storage: Storage, settings: Settings) -> ChunkContext:
@@ -53,15 +69,16 @@ class ChunkContext:
         Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         if settings.batch_size == 0:  # automatic: what the runtime finds fits (free GPU memory)
             settings = settings.model_copy(update={"batch_size": _automatic_batch_size(runtime)})
+        preparer = runtime.preparer
         return cls(
             runtime=runtime, storage=storage, settings=settings,
-            io_pool=ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sam3-fetch"),
-            out_pool=ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sam3-write"),
+            loaders=StagePool("loader", settings, preparer, storage),
+            writers=StagePool("writer", settings, preparer, storage),
         )
 
     def close(self) -> None:
-        self.io_pool.shutdown(wait=True)
-        self.out_pool.shutdown(wait=True)
+        self.loaders.close()
+        self.writers.close()
 
 
 def _automatic_batch_size(runtime: SegmentationRuntime) -> int:
@@ -80,66 +97,17 @@ class ChunkResult:
     model_seconds: float = 0.0
 
 
-@dataclass
-class _Loaded:
-    item: WorkItem
-    image: Image.Image
-    prepared: Any
-    prompts: list[str]
-    timings_ms: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _AlreadyDone:
-    item: WorkItem
-    metadata: ImageMetadata
-
-
-def _timed(timings: dict[str, float], stage: str, start: float) -> float:
-    now = time.perf_counter()
-    timings[stage] = (now - start) * 1000.0
-    metrics.observe_stage(stage, now - start)
-    return now
-
-
-def _load(item: WorkItem, spec: JobSpec, ctx: ChunkContext, check_done: bool) -> _Loaded | _AlreadyDone:
-    if check_done:
-        done = _existing_result(item, spec, ctx.storage)
-        if done is not None:
-            return done
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    data = ctx.storage.read_bytes(item.uri)
-    start = _timed(timings, "download", start)
-    image = decode_image(data, max_pixels=ctx.settings.max_image_pixels)
-    start = _timed(timings, "decode", start)
-    prepared = ctx.runtime.prepare(image)
-    _timed(timings, "preprocess", start)
-    return _Loaded(item, image, prepared, list(item.prompts or spec.prompts), timings)
-
-
-def _existing_result(item: WorkItem, spec: JobSpec, storage: Storage) -> _AlreadyDone | None:
-    """On a retry or redelivery, an image whose metadata already exists is done: do not redo it."""
-    uri = OutputLayout(spec.output_root, item.out_key).metadata_uri
-    if not storage.exists(uri):
-        return None
-    metadata = ImageMetadata.model_validate_json(storage.read_bytes(uri))
-    if metadata.job_id != spec.job_id:
-        return None
-    return _AlreadyDone(item, metadata)
-
-
-def _failure(item: WorkItem, exc: BaseException, result: ChunkResult, final_attempt: bool) -> None:
-    outcome = ItemOutcome(uri=item.uri, status="failed", reason=reason_of(exc), out_key=item.out_key)
-    if is_transient(exc) and not final_attempt:
+def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool) -> None:
+    outcome = ItemOutcome(uri=item.uri, status="failed", reason=failure.reason, out_key=item.out_key)
+    if failure.transient and not final_attempt:
         result.retry_later.append(outcome)
         return
     result.outcomes.append(outcome)
-    metrics.count_image("failed", reason_class=type(exc).__name__)
+    metrics.count_image("failed", reason_class=failure.error_class)
 
 
-def _batches(loaded: Iterable[_Loaded], size: int) -> Iterator[list[_Loaded]]:
-    batch: list[_Loaded] = []
+def _batches(loaded: Iterable[LoadedImage], size: int) -> Iterator[list[LoadedImage]]:
+    batch: list[LoadedImage] = []
     for entry in loaded:
         batch.append(entry)
         if len(batch) == size:
@@ -149,38 +117,73 @@ def _batches(loaded: Iterable[_Loaded], size: int) -> Iterator[list[_Loaded]]:
         yield batch
 
 
+def _outcome_of(future: Future[Any]) -> Any:
+    """A stage future's result; a dead stage process is re-raised, anything else becomes a StageFailure."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise
+    except Exception as exc:  # the task could not even be handed over (e.g. pickling)
+        return StageFailure.of(exc)
+
+
+@dataclass
+class _PendingWrite:
+    """A submitted write; its job (masks and pixels) is kept only until the write is done."""
+
+    item: WorkItem
+    job: ImageJob | None
+    future: Future[WriteResult]
+
+    def release_job(self, future: Future[WriteResult]) -> None:
+        if not isinstance(future.exception(), BrokenProcessPool):  # kept to redo the write if its process died
+            self.job = None
+
+
 class _ChunkRun:
     """The state of one chunk while it flows through the stages."""
 
     def __init__(self, chunk: ChunkMessage, spec: JobSpec, ctx: ChunkContext, final_attempt: bool) -> None:
         self.chunk, self.spec, self.ctx, self.final_attempt = chunk, spec, ctx, final_attempt
         self.result = ChunkResult()
-        self.writes: list[tuple[WorkItem, Future[ImageMetadata]]] = []
+        self.writes: list[_PendingWrite] = []
 
-    def loaded_images(self, check_done: bool) -> Iterator[_Loaded]:
-        """Images as their fetch+decode finishes (any order); failures and done ones are recorded here."""
+    def loaded_images(self, check_done: bool) -> Iterator[LoadedImage]:
+        """Images as their loading finishes (any order); failures and done ones are recorded here.
+
+        If a loader process dies, every load in flight fails with it: those images are loaded again
+        one at a time in a fresh pool, so that only an image that kills its process every time fails.
+        """
         futures = {
-            self.ctx.io_pool.submit(_load, item, self.spec, self.ctx, check_done): item
-            for item in self.chunk.items
+            self.ctx.loaders.submit(load_image, item, self.spec, check_done): item for item in self.chunk.items
         }
+        orphans: list[WorkItem] = []
         for future in as_completed(futures):
-            item = futures[future]
             try:
-                loaded = future.result()
-            except Exception as exc:
-                _failure(item, exc, self.result, self.final_attempt)
+                loaded = _outcome_of(future)
+            except BrokenProcessPool:
+                orphans.append(futures[future])
                 continue
-            if isinstance(loaded, _AlreadyDone):
-                self.done(item, loaded.metadata)
-            else:
-                yield loaded
+            yield from self._accept_load(futures[future], loaded)
+        for item in orphans:
+            yield from self._accept_load(item, self.ctx.loaders.run_isolated(load_image, item, self.spec, check_done))
+
+    def _accept_load(self, item: WorkItem, loaded: LoadResult) -> Iterator[LoadedImage]:
+        if isinstance(loaded, StageFailure):
+            _failure(item, loaded, self.result, self.final_attempt)
+        elif isinstance(loaded, AlreadyDone):
+            self.done(item, loaded.metadata)
+        else:
+            for stage, ms in loaded.timings_ms.items():
+                metrics.observe_stage(stage, ms / 1000.0)
+            yield loaded
 
     def done(self, item: WorkItem, metadata: ImageMetadata) -> None:
         instances = len(metadata.annotations)
         self.result.outcomes.append(ItemOutcome(uri=item.uri, status="done", instances=instances, out_key=item.out_key))
         self.result.metadata.append(metadata)
 
-    def run_batch(self, batch: list[_Loaded]) -> None:
+    def run_batch(self, batch: list[LoadedImage]) -> None:
         """One model call for the batch; if it fails, each image alone so one bad image fails alone."""
         start = time.perf_counter()
         try:
@@ -201,32 +204,42 @@ class _ChunkRun:
             metrics.observe_stage("model", elapsed / len(batch))
             self.submit_write(entry, detections)
 
-    def run_single(self, entry: _Loaded) -> None:
+    def run_single(self, entry: LoadedImage) -> None:
         try:
             self.run_batch([entry])
         except Exception as exc:
-            _failure(entry.item, exc, self.result, self.final_attempt)
+            _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt)
 
-    def submit_write(self, entry: _Loaded, detections: list[PromptDetections]) -> None:
-        job = ImageJob(self.spec, self.chunk.chunk_id, entry.item, entry.image, detections, entry.timings_ms)
-        self.writes.append((entry.item, self.ctx.out_pool.submit(_write, job, self.ctx.storage)))
+    def submit_write(self, entry: LoadedImage, detections: list[PromptDetections]) -> None:
+        job = ImageJob(
+            self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms
+        )
+        pending = _PendingWrite(entry.item, job, self.ctx.writers.submit(write_image, job))
+        pending.future.add_done_callback(pending.release_job)
+        self.writes.append(pending)
 
     def collect_writes(self) -> None:
-        for item, future in self.writes:
+        """Wait for every write; writes lost with a dead writer process are redone one at a time."""
+        orphans: list[tuple[WorkItem, ImageJob]] = []
+        for pending in self.writes:
             try:
-                metadata = future.result()
-            except Exception as exc:
-                _failure(item, exc, self.result, self.final_attempt)
+                written = _outcome_of(pending.future)
+            except BrokenProcessPool:
+                assert pending.job is not None  # kept by release_job for exactly this
+                orphans.append((pending.item, pending.job))
                 continue
-            self.done(item, metadata)
-            metrics.count_image("done", len(metadata.annotations))
+            self._accept_write(pending.item, written)
+        for item, job in orphans:
+            self._accept_write(item, self.ctx.writers.run_isolated(write_image, job))
 
-
-def _write(job: ImageJob, storage: Storage) -> ImageMetadata:
-    start = time.perf_counter()
-    metadata = write_image_outputs(job, storage)
-    metrics.observe_stage("encode_upload", time.perf_counter() - start)
-    return metadata
+    def _accept_write(self, item: WorkItem, written: WriteResult) -> None:
+        if isinstance(written, StageFailure):
+            _failure(item, written, self.result, self.final_attempt)
+            return
+        assert isinstance(written, WrittenImage)
+        metrics.observe_stage("encode_upload", written.seconds)
+        self.done(item, written.metadata)
+        metrics.count_image("done", len(written.metadata.annotations))
 
 
 def process_chunk(
@@ -253,7 +266,7 @@ def process_chunk(
                 run.run_batch(batch)
             except Exception as exc:
                 for entry in batch:
-                    _failure(entry.item, exc, run.result, final_attempt)
+                    _failure(entry.item, StageFailure.of(exc), run.result, final_attempt)
     finally:
         run.collect_writes()
     return run.result

@@ -47,6 +47,19 @@ class PreparedImage:
 
 
 @dataclass(frozen=True)
+class ImagePreparer:
+    """The processor's resize + normalize of one decoded image. Picklable: loader processes run it."""
+
+    image_processor: Any
+    dtype: torch.dtype  # the model's: casting here halves the bytes moved in bf16/fp16
+
+    def __call__(self, image: PIL.Image.Image) -> PreparedImage:
+        encoded = self.image_processor(images=image, return_tensors="pt")
+        pixels: torch.Tensor = encoded["pixel_values"][0].to(self.dtype)
+        return PreparedImage(pixel_values=pixels, original_size_hw=(image.height, image.width))
+
+
+@dataclass(frozen=True)
 class _TextEmbedding:
     features: torch.Tensor  # (1, tokens, hidden): the model's projected text features
     attention_mask: torch.Tensor  # (1, tokens)
@@ -95,6 +108,7 @@ class Sam3Runtime:
         self.revision = revision
         self.device = device
         self.dtype = dtype
+        self.preparer = ImagePreparer(processor.image_processor, dtype)
         text_config: Any = model.config.text_config
         self._text_tokens = int(text_config.max_position_embeddings)
         self._text_cache: OrderedDict[str, _TextEmbedding] = OrderedDict()
@@ -134,18 +148,8 @@ class Sam3Runtime:
         )
 
     def prepare(self, image: PIL.Image.Image) -> PreparedImage:
-        """CPU preprocessing of one decoded RGB image; safe to call from many threads at once."""
-        encoded = self.processor.image_processor(images=image, return_tensors="pt")
-        # The model casts pixels to its dtype first thing, so casting here only halves the bytes moved.
-        pixels: torch.Tensor = encoded["pixel_values"][0]
-        if self.device.type == "cuda":
-            # Page-locked, filled here in the loader threads: the batch's host-to-GPU copy is then
-            # asynchronous and the thread feeding the GPU does no host memcpy of its own.
-            pinned = torch.empty(pixels.shape, dtype=self.dtype, pin_memory=True)
-            pixels = pinned.copy_(pixels)
-        else:
-            pixels = pixels.to(self.dtype)
-        return PreparedImage(pixel_values=pixels, original_size_hw=(image.height, image.width))
+        """CPU preprocessing of one decoded RGB image (``self.preparer``, which loader processes run)."""
+        return self.preparer(image)
 
     def segment(
         self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
@@ -267,11 +271,14 @@ class Sam3Runtime:
         return outputs
 
     def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
+        pixels = [image.pixel_values.to(self.dtype) for image in images]
         if self.device.type == "cuda":
-            # Each image is already pinned (prepare): asynchronous copies, stacked on the device.
-            on_device = [image.pixel_values.to(self.device, non_blocking=True) for image in images]
-            return torch.stack(on_device).to(self.dtype)
-        return torch.stack([image.pixel_values for image in images]).to(self.device, dtype=self.dtype)
+            # Stacked into page-locked memory (torch's host allocator caches it), then one asynchronous
+            # copy to the GPU: the pixels arrive from loader processes in shared memory, not pinned.
+            staged = torch.empty((len(pixels), *pixels[0].shape), dtype=self.dtype, pin_memory=True)
+            torch.stack(pixels, out=staged)
+            return staged.to(self.device, non_blocking=True)
+        return torch.stack(pixels).to(self.device)
 
     def _text_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features and attention masks for each prompt (cached when seen before), stacked as rows."""

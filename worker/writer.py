@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 from contracts.keys import OutputLayout
@@ -33,14 +34,24 @@ _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
 
 @dataclass(frozen=True)
 class ImageJob:
-    """Everything needed to write one image's results."""
+    """Everything needed to write one image's results (picklable: it may go to a writer process)."""
 
     spec: JobSpec
     chunk_id: str
     item: WorkItem
-    image: Image.Image
+    size_wh: tuple[int, int]
+    rgb: torch.Tensor | None  # (H, W, 3) uint8: the image, needed only for the masked-image output
     detections: list[PromptDetections]
     timings_ms: dict[str, float]
+
+    @classmethod
+    def of_image(
+        cls, spec: JobSpec, chunk_id: str, item: WorkItem, image: Image.Image,
+        detections: list[PromptDetections], timings_ms: dict[str, float],
+    ) -> ImageJob:
+        """The job for a decoded image in hand (the pixels are kept only if the job writes masked images)."""
+        rgb = torch.from_numpy(np.array(image)) if spec.outputs.masked_image else None
+        return cls(spec, chunk_id, item, (image.width, image.height), rgb, detections, timings_ms)
 
 
 def _annotations(job: ImageJob, layout: OutputLayout) -> list[Annotation]:
@@ -70,12 +81,15 @@ def _write_png_masks(job: ImageJob, layout: OutputLayout, storage: Storage) -> N
 
 
 def _write_masked_image(job: ImageJob, layout: OutputLayout, storage: Storage) -> str:
-    height, width = job.image.height, job.image.width
+    if job.rgb is None:
+        raise ValueError("the masked image needs the image's pixels: build the ImageJob with them")
+    width, height = job.size_wh
     all_masks = [found.masks for found in job.detections if len(found)]
     stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
     fmt = job.spec.outputs.output_format
     uri = layout.masked_image_uri(fmt)
-    storage.write_bytes(uri, encode_masked_image(job.image, union_of(stacked), fmt), _CONTENT_TYPES[fmt])
+    image = Image.fromarray(job.rgb.numpy())
+    storage.write_bytes(uri, encode_masked_image(image, union_of(stacked), fmt), _CONTENT_TYPES[fmt])
     return uri
 
 
@@ -84,7 +98,7 @@ def build_metadata(job: ImageJob, layout: OutputLayout, masked_uri: str | None) 
     name = job.item.uri.rstrip("/").rsplit("/", 1)[-1]
     return ImageMetadata(
         job_id=job.spec.job_id, chunk_id=job.chunk_id,
-        image=ImageInfo(uri=job.item.uri, width=job.image.width, height=job.image.height, file_name=name),
+        image=ImageInfo(uri=job.item.uri, width=job.size_wh[0], height=job.size_wh[1], file_name=name),
         model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision),
         thresholds=job.spec.thresholds,
         prompts=[
