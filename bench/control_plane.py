@@ -39,11 +39,12 @@ from pathlib import Path
 import redis
 from PIL import Image
 
+from bench.common import settings_env, tree_cpu_seconds
 from bench.noop_runtime import NOOP_MODEL_ID
 from bench.redis_probe import PrivateRedis, RedisTotals, Sampler, used_memory
 from contracts.jobstate import RedisJobStore, job_key
 from contracts.queue import make_celery
-from contracts.settings import ENV_PREFIX, Settings
+from contracts.settings import Settings
 from sam3_batch.jobs import JobRequest, submit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -107,16 +108,8 @@ def bench_settings(config: Config, redis_url: str, *, high: int, low: int) -> Se
     """The settings every process of a phase shares (the workers get them through the environment)."""
     return Settings(
         broker_url=redis_url, queue=QUEUE, chunk_size=config.chunk_size, queue_high_water=high,
-        queue_low_water=low, model=NOOP_MODEL_ID, io_threads=4, batch_size=8,
+        queue_low_water=low, model=NOOP_MODEL_ID, io_workers=4, batch_size=8,
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment a subprocess needs to rebuild exactly these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env.update(settings.as_env())
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    return env
 
 
 def job_request(input_prefix: str, out_root: str, *, skip_existing: bool = False) -> JobRequest:
@@ -223,7 +216,7 @@ def drive_job(config: Config, settings: Settings, client: redis.Redis, workers: 
     """Submit the job (producer in a thread) and sample Redis until the workers have finished it."""
     redis_url = settings.broker_url.get_secret_value()
     baseline, before = used_memory(client), RedisTotals.read(client)
-    cpu_before = sum(process_cpu_seconds(w.pid) for w in workers)
+    cpu_before = sum(tree_cpu_seconds(w.pid) for w in workers)  # with their stage processes
     with Sampler(redis_url, QUEUE, watch_job=True) as sampler, ThreadPoolExecutor(1) as pool:
         start = time.perf_counter()
         producer = pool.submit(_timed_submit, job_request(input_prefix, f"file://{config.work_dir}/out"), settings)
@@ -234,7 +227,7 @@ def drive_job(config: Config, settings: Settings, client: redis.Redis, workers: 
                 RedisJobStore(redis_url).cancel(sampler.samples.job_id)
             raise
         producer_done_at = producer.result()
-    worker_cpu = sum(process_cpu_seconds(w.pid) for w in workers) - cpu_before
+    worker_cpu = sum(tree_cpu_seconds(w.pid) for w in workers) - cpu_before
     totals = RedisTotals.read(client).since(before, discount=sampler.samples.own_calls)
     found = sampler.samples
     if found.counters is None or found.counters.done != config.images or found.counters.failed:
@@ -255,7 +248,7 @@ def _timed_submit(request: JobRequest, settings: Settings) -> float:
 
 
 def start_workers(settings: Settings, count: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
-    """``count`` worker processes (solo pool, one chunk at a time each), as ``sam3-batch worker`` runs."""
+    """``count`` worker processes (solo pool, one chunk at a time each: the no-op model needs no overlap)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = settings_env(settings)
     workers = []
@@ -289,12 +282,6 @@ def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- phase 3: skip-existing

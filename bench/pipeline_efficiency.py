@@ -1,7 +1,7 @@
 """Pipeline bench: end-to-end images/s against the bare model, the naive loop, and mask encoding's share.
 
     python -m bench.pipeline_efficiency                # 192 images, chunks 8/32/128, 2 pools, 2 io modes: ~8 min
-    python -m bench.pipeline_efficiency --images 64 --chunk-sizes 32 --pools solo:1 --io-modes processes  # ~1.5 min
+    python -m bench.pipeline_efficiency --chunk-sizes 32 --io-modes processes   # the defaults and solo: ~3 min
 
 Everything runs on one set of JPEG photos in a moto S3 server (its own process) and one private Redis:
 
@@ -30,6 +30,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -51,6 +52,7 @@ from bench.common import (
     bare_images_per_s,
     batches,
     bench_checkpoint,
+    descendants,
     free_port,
     load_runtime,
     machine_line,
@@ -62,7 +64,9 @@ from bench.common import (
     redis_server,
     stage_diff,
     table,
+    tree_cpu_seconds,
     use_fake_aws_credentials,
+    wait_for,
 )
 from contracts.jobstate import RedisJobStore
 from contracts.keys import OutputLayout
@@ -72,6 +76,7 @@ from contracts.storage import Storage
 from sam3_batch.jobs import JobRequest, submit
 from worker.decode import decode_image
 from worker.encode import encode_masked_image, encode_png_mask, union_of
+from worker.io_stages import Preparer
 from worker.runtime import PreparedImage, Sam3Runtime
 from worker.writer import ImageJob, build_metadata, write_image_outputs
 
@@ -105,7 +110,7 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--size", default="640x480", help="photo size WxH")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk-sizes", default="8,32,128", help="images per chunk message, comma-separated")
-    parser.add_argument("--pools", default="solo:1,threads:2", help="worker pool:concurrency, comma-separated")
+    parser.add_argument("--pools", default="threads:2,solo:1", help="worker pool:concurrency, comma-separated")
     parser.add_argument("--io-modes", default="processes,threads", help="where the worker's I/O stages run")
     parser.add_argument("--io-workers", type=int, default=4, help="loaders, and as many writers")
     parser.add_argument("--model-threads", type=int, default=1, help="CPU cores the model gets")
@@ -318,26 +323,28 @@ def encoding_costs(jobs: list[ImageJob], storage: Storage) -> EncodingFigures:
 # -------------------------------------------------------------------------------- GIL contention
 
 
-def _io_loop(settings: Settings, runtime: Sam3Runtime, uris: list[str], job: ImageJob,
+def _io_loop(settings: Settings, preparer: Preparer, uris: list[str], job: ImageJob,
              keep_going: Callable[[], bool], count: Callable[[], None]) -> None:
     """The worker's per-image I/O, flat out: download, decode, prepare, then write the outputs."""
     storage, index = Storage(settings), 0
     while keep_going():
         image = decode_image(storage.read_bytes(uris[index % len(uris)]), max_pixels=settings.max_image_pixels)
-        runtime.prepare(image)
+        preparer(image)
         item = job.item.model_copy(update={"out_key": f"contention/{index}"})
         write_image_outputs(replace(job, item=item), storage)
         index += 1
         count()
 
 
-def _in_process(settings: Settings, runtime: Sam3Runtime, uris: list[str], job: ImageJob,
+def _in_process(settings: Settings, preparer: Preparer, uris: list[str], job_pickle: bytes,
                 stop: Any, done: Any) -> None:
+    job: ImageJob = pickle.loads(job_pickle)
     def count() -> None:
         with done.get_lock():
             done.value += 1
 
-    _io_loop(settings, runtime, uris, job, lambda: not stop.is_set(), count)
+    torch.set_num_threads(1)
+    _io_loop(settings, preparer, uris, job, lambda: not stop.is_set(), count)
 
 
 def contention(runtime: Sam3Runtime, sample: list[PreparedImage], settings: Settings, uris: list[str],
@@ -345,7 +352,7 @@ def contention(runtime: Sam3Runtime, sample: list[PreparedImage], settings: Sett
     """The same I/O work beside the model in a thread (sharing its GIL) and in a process (not sharing it)."""
     alone = bare_images_per_s(runtime, sample, config.batch_size, PROMPT)
     stop, done = threading.Event(), [0]
-    worker = threading.Thread(target=_io_loop, args=(settings, runtime, uris, job, lambda: not stop.is_set(),
+    worker = threading.Thread(target=_io_loop, args=(settings, runtime.preparer, uris, job, lambda: not stop.is_set(),
                                                      lambda: done.__setitem__(0, done[0] + 1)))
     worker.start()
     start = time.perf_counter()
@@ -353,13 +360,17 @@ def contention(runtime: Sam3Runtime, sample: list[PreparedImage], settings: Sett
     thread_rate = done[0] / (time.perf_counter() - start)
     stop.set()
     worker.join()
-    fork = multiprocessing.get_context("fork")  # the child reuses the loaded processor; no CUDA here
-    process_stop, process_done = fork.Event(), fork.Value("i", 0)
-    child = fork.Process(target=_in_process, args=(settings, runtime, uris, job, process_stop, process_done))
+    # As the worker starts its stage processes: from a forkserver, never a fork of this threaded process.
+    server = multiprocessing.get_context("forkserver")
+    process_stop, process_done = server.Event(), server.Value("i", 0)
+    child = server.Process(target=_in_process,
+                           # plain pickle: torch cannot hand shared-memory tensors to a process being started
+                           args=(settings, runtime.preparer, uris, pickle.dumps(job), process_stop, process_done))
     child.start()
-    start = time.perf_counter()
+    wait_for(lambda: process_done.value > 0, 120, "the I/O process to get going")  # past its start-up
+    start, first = time.perf_counter(), process_done.value
     with_process = bare_images_per_s(runtime, sample, config.batch_size, PROMPT)
-    process_rate = process_done.value / (time.perf_counter() - start)
+    process_rate = (process_done.value - first) / (time.perf_counter() - start)
     process_stop.set()
     child.join()
     return ContentionFigures(alone, with_thread, with_process, thread_rate, process_rate)
@@ -398,31 +409,6 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (the worker's forkserver and stage processes), from /proc."""
-    found, pending = [], [pid]
-    while pending:
-        for task in Path(f"/proc/{pending.pop()}/task").glob("*/children"):
-            try:
-                children = [int(child) for child in task.read_text().split()]
-            except OSError:
-                continue
-            found += children
-            pending += children
-    return found
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and every live process below it."""
-    total = 0.0
-    for member in [pid, *descendants(pid)]:
-        try:
-            total += process_cpu_seconds(member)
-        except OSError:  # ended meanwhile
-            continue
-    return total
-
-
 def pss_mb(pids: list[int]) -> float:
     """Proportional set size (shared pages split among their users) of these processes, in MiB."""
     total = 0
@@ -451,10 +437,12 @@ def end_to_end(config: Config, settings: Settings, runtime: Sam3Runtime, sample:
             ceiling = measure_ceiling(runtime, sample, config)
             out = f"s3://{BUCKET}/out-{io_mode}-{pool}{concurrency}-c{chunk_size}/"
             pids = {"worker": worker.process.pid, "moto": moto_pid, "bench": os.getpid()}
-            cpu_before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+            # The worker with its stage processes; moto and this process alone (the others are our children).
+            cpu_of = {"worker": tree_cpu_seconds, "moto": process_cpu_seconds, "bench": process_cpu_seconds}
+            cpu_before = {name: cpu_of[name](pid) for name, pid in pids.items()}
             wall, stages = run_job(settings, worker, f"s3://{BUCKET}/in/", out, chunk_size, config.images,
                                    config.threshold)
-            cpu_ms = {name: 1000.0 * (tree_cpu_seconds(pid) - cpu_before[name]) / config.images
+            cpu_ms = {name: 1000.0 * (cpu_of[name](pid) - cpu_before[name]) / config.images
                       for name, pid in pids.items()}
             run = RunFigures(io_mode, pool, concurrency, chunk_size, config.images, wall, stages,
                              peak_rss_mb(worker.process.pid), pss_mb(descendants(worker.process.pid)), ceiling,
@@ -530,8 +518,9 @@ def report(figures: Figures, config: Config) -> str:
 
 
 def _default_run(figures: Figures) -> RunFigures:
-    """The run with the product's defaults (I/O in processes, solo pool, chunks of 32), else the most efficient."""
-    preferred = [r for r in figures.runs if r.chunk_size == 32 and r.pool == "solo" and r.io_mode == "processes"]
+    """The run with the worker's defaults (I/O in processes, two chunks in flight, chunks of 32), else the best."""
+    preferred = [r for r in figures.runs
+                 if (r.io_mode, r.pool, r.concurrency, r.chunk_size) == ("processes", "threads", 2, 32)]
     return preferred[0] if preferred else max(figures.runs, key=lambda r: r.efficiency)
 
 

@@ -85,5 +85,6 @@ WORKDIR /home/sam3
 EXPOSE 9300 5555
 
 ENTRYPOINT ["/usr/bin/tini", "--", "sam3-batch"]
-# One process per GPU with the solo pool: the model stays resident, and CUDA is never touched in a fork.
-CMD ["worker", "--concurrency", "1", "--pool", "solo"]
+# One process per GPU: the model stays resident and CUDA is never touched in a fork. Two chunks in flight
+# (threads pool) keep the GPU busy across chunk boundaries: bench/RESULTS.md, "Pipeline".
+CMD ["worker", "--concurrency", "2", "--pool", "threads"]

@@ -115,8 +115,8 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
 
 
 @app.command()
-def worker(pool: Annotated[str, typer.Option(help="solo (default), threads or prefork.")] = "solo",
-           concurrency: Annotated[int, typer.Option(min=1)] = 1,
+def worker(pool: Annotated[str, typer.Option(help="threads (default), solo or prefork.")] = "threads",
+           concurrency: Annotated[int, typer.Option(min=1, help="Chunks in flight at once.")] = 2,
            loglevel: Annotated[str, typer.Option()] = "INFO",
            hostname: Annotated[str | None, typer.Option()] = None) -> None:
     """Start a Celery worker holding one resident SAM 3 model (one per GPU)."""

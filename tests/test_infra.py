@@ -243,7 +243,9 @@ def test_keda_in_flight_trigger_counts_kombus_unacked_hash() -> None:
     trigger = keda_triggers()["chunks-in-flight"]
     assert trigger["type"] == "redis"
     assert trigger["metadata"]["listName"] == Channel.unacked_key
-    assert trigger["metadata"]["listLength"] == "1"  # one unacked chunk per busy worker (prefetch 1)
+    # A busy worker holds one unacked chunk per thread: as many as its --concurrency.
+    concurrency = worker_container()["args"][worker_container()["args"].index("--concurrency") + 1]
+    assert trigger["metadata"]["listLength"] == concurrency == "2"
 
 
 def test_keda_triggers_read_the_same_redis_database_as_the_broker_url() -> None:
@@ -313,7 +315,7 @@ def test_multi_gpu_override_pins_each_extra_worker_to_its_own_gpu() -> None:
 def test_worker_deployment_asks_for_exactly_one_nvidia_gpu() -> None:
     resources = worker_container()["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == 1
-    assert worker_container()["args"] == ["worker", "--concurrency", "1", "--pool", "solo"]
+    assert worker_container()["args"] == ["worker", "--concurrency", "2", "--pool", "threads"]
 
 
 def test_worker_grace_period_covers_a_chunk_and_stays_within_the_visibility_timeout() -> None:
@@ -463,7 +465,7 @@ def test_dockerfile_starts_the_worker_under_an_init_that_forwards_sigterm() -> N
     cmd = next(c for c in reversed(final_stage()) if c.cmd == "CMD")
     assert entrypoint.json and entrypoint.value[:2] == ("/usr/bin/tini", "--")  # exec form: no shell in between
     assert entrypoint.value[2] == "sam3-batch"
-    assert cmd.value == ("worker", "--concurrency", "1", "--pool", "solo")
+    assert cmd.value == ("worker", "--concurrency", "2", "--pool", "threads")
 
 
 # --- docker compose itself ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tests.fixtures.model import scene_image
 from tests.fixtures.workers import wait_until
 from worker.pipeline import ChunkContext, ChunkResult, process_chunk
 from worker.runtime import Sam3Runtime
+from worker.stage_pools import STAGE_NICENESS
 
 IMAGES = ["in/b0.jpg", "in/b1.jpg", "in/b2.jpg"]
 KILLED = "in/b1.jpg"
@@ -155,6 +156,19 @@ def test_a_loader_process_that_died_between_chunks_is_replaced_for_the_next_chun
     assert _statuses(first) == {"b0.jpg": "done"}
     assert _statuses(second) == {"b1.jpg": "done", "b2.jpg": "done"}
     assert context.loaders.worker_pids() and set(context.loaders.worker_pids()).isdisjoint(killed)
+
+
+def test_stage_processes_yield_the_cpu_to_the_model_process(
+    context: ChunkContext, photos: list[WorkItem], s3_bucket: str,
+) -> None:
+    spec = _spec(s3_bucket)
+    result = process_chunk(ChunkMessage(job_id=spec.job_id, chunk_id="c0", items=photos), spec, context)
+
+    assert _statuses(result) == {"b0.jpg": "done", "b1.jpg": "done", "b2.jpg": "done"}
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    stage_pids = context.loaders.worker_pids() + context.writers.worker_pids()
+    assert len(stage_pids) == 2
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in stage_pids] == [min(19, ours + STAGE_NICENESS)] * 2
 
 
 def test_stage_processes_exit_when_their_worker_is_killed(

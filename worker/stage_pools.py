@@ -38,6 +38,9 @@ StageFunction = Callable[..., R]  # fn(resources, *args): a module-level functio
 
 # Modules every stage process needs, imported once in the forkserver so that each child starts warm.
 _PRELOAD = ["worker.io_stages", "worker.runtime"]
+# Stage processes yield the CPU to the model's process when both want it: the thread that feeds the GPU
+# must never wait for a core, while loaders and writers have a chunk of slack (bench/RESULTS.md).
+STAGE_NICENESS = 10
 ISOLATED_ATTEMPTS = 2  # an image whose process dies this many times running it alone is the one at fault
 
 _process_resources: StageResources | None = None
@@ -141,6 +144,7 @@ def _init_process(settings: Settings, preparer: Preparer, worker_pid: int) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(worker_pid,), name="sam3-watch-worker", daemon=True).start()
+    os.nice(STAGE_NICENESS)
     torch.set_num_threads(1)  # many stage processes: each resize on one core, none competing with the model
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
     _process_resources = StageResources(settings, Storage(settings), preparer)
