@@ -6,7 +6,6 @@ killed in the middle of it), the tiny SAM 3 checkpoint, real stage processes, re
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -21,8 +20,7 @@ from contracts.schemas import ChunkMessage, JobSpec, OutputOptions, Thresholds, 
 from contracts.settings import Settings
 from contracts.storage import Storage
 from tests.fixtures.faulty_proxy import FaultyProxy
-from tests.fixtures.model import scene_image
-from tests.fixtures.workers import wait_until
+from tests.fixtures.workers import descendant_pids, wait_until
 from worker.pipeline import ChunkContext, ChunkResult, process_chunk
 from worker.runtime import Sam3Runtime
 from worker.stage_pools import STAGE_NICENESS
@@ -41,14 +39,10 @@ def stage_settings(settings_factory: Callable[..., Settings], faulty_s3: FaultyP
 
 
 @pytest.fixture
-def photos(s3_client: Any, s3_bucket: str) -> list[WorkItem]:
-    items = []
-    for index, key in enumerate(IMAGES):
-        buffer = io.BytesIO()
-        scene_image((96, 128), variant=index).save(buffer, format="JPEG", quality=90)
-        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=buffer.getvalue())
-        items.append(WorkItem(uri=f"s3://{s3_bucket}/{key}", out_key=key.removeprefix("in/")))
-    return items
+def photos(s3_client: Any, s3_bucket: str, image_bytes_factory: Callable[[str], bytes]) -> list[WorkItem]:
+    for key in IMAGES:
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=image_bytes_factory("jpeg"))
+    return [WorkItem(uri=f"s3://{s3_bucket}/{key}", out_key=key.removeprefix("in/")) for key in IMAGES]
 
 
 @pytest.fixture
@@ -188,7 +182,7 @@ def test_stage_processes_exit_when_their_worker_is_killed(
     submit(JobRequest(inputs=[f"s3://{s3_bucket}/in/"], prompts=["cat"], output_root=f"s3://{s3_bucket}/out/"),
            settings)
     _held(faulty_s3, "GET", KILLED)
-    stage_pids = wait_until(lambda: _descendants(worker.process.pid) or None, 60, "the worker's stage processes")
+    stage_pids = wait_until(lambda: descendant_pids(worker.process.pid) or None, 60, "the worker's stage processes")
     assert len(stage_pids) >= 2  # the forkserver and at least one loader (and multiprocessing's helpers)
 
     worker.kill()  # the worker process alone: its descendants must notice by themselves
@@ -197,22 +191,6 @@ def test_stage_processes_exit_when_their_worker_is_killed(
     wait_until(lambda: not any(_alive(pid) for pid in stage_pids), 60, "every stage process to exit",
                details=lambda: str([pid for pid in stage_pids if _alive(pid)]))
     store.client.close()
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (children of children included)."""
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        parent = pending.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*/children"):
-            try:
-                children = [int(child) for child in task.read_text().split()]
-            except OSError:
-                continue
-            found += children
-            pending += children
-    return found
 
 
 def _alive(pid: int) -> bool:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -25,7 +24,7 @@ from contracts.schemas import ImageMetadata, JobSpec, WorkItem
 from contracts.settings import Settings
 from contracts.storage import Storage
 from worker.decode import decode_image
-from worker.writer import ImageJob, write_image_outputs
+from worker.writer import ImageJob, pixels_for_writer, write_image_outputs
 
 Preparer = Callable[[Image.Image], Any]  # decoded RGB image -> what the runtime's segment() takes
 
@@ -101,9 +100,8 @@ def load_image(resources: StageResources, item: WorkItem, spec: JobSpec, check_d
         _timed(timings, "preprocess", start)
     except Exception as exc:
         return StageFailure.of(exc)
-    rgb = torch.from_numpy(np.array(image)) if spec.outputs.masked_image else None
     return LoadedImage(
-        item=item, prepared=prepared, size_wh=(image.width, image.height), rgb=rgb,
+        item=item, prepared=prepared, size_wh=(image.width, image.height), rgb=pixels_for_writer(spec, image),
         prompts=list(item.prompts or spec.prompts), timings_ms=timings,
     )
 

@@ -49,9 +49,14 @@ class ImageJob:
         cls, spec: JobSpec, chunk_id: str, item: WorkItem, image: Image.Image,
         detections: list[PromptDetections], timings_ms: dict[str, float],
     ) -> ImageJob:
-        """The job for a decoded image in hand (the pixels are kept only if the job writes masked images)."""
-        rgb = torch.from_numpy(np.array(image)) if spec.outputs.masked_image else None
-        return cls(spec, chunk_id, item, (image.width, image.height), rgb, detections, timings_ms)
+        """The job for a decoded image in hand."""
+        return cls(spec, chunk_id, item, (image.width, image.height), pixels_for_writer(spec, image), detections,
+                   timings_ms)
+
+
+def pixels_for_writer(spec: JobSpec, image: Image.Image) -> torch.Tensor | None:
+    """The image's RGB pixels as an (H, W, 3) uint8 tensor if the job writes masked images, else None."""
+    return torch.from_numpy(np.array(image)) if spec.outputs.masked_image else None
 
 
 def _annotations(job: ImageJob, layout: OutputLayout) -> list[Annotation]:
