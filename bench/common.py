@@ -23,10 +23,10 @@ from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.redis_probe import PrivateRedis
-from contracts.queue import make_celery
-from contracts.settings import ENV_PREFIX, Settings
-from worker.runtime import PreparedImage, Sam3Runtime
-from worker.tiny_model import build_checkpoint
+from sam3_batch.contracts.queue import make_celery
+from sam3_batch.contracts.settings import ENV_PREFIX, Settings
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.tiny_model import build_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK_DIR = Path("/tmp/sam3-bench")

@@ -42,9 +42,9 @@ from PIL import Image
 from bench.common import settings_env, tree_cpu_seconds
 from bench.noop_runtime import NOOP_MODEL_ID
 from bench.redis_probe import PrivateRedis, RedisTotals, Sampler, used_memory
-from contracts.jobstate import RedisJobStore, job_key
-from contracts.queue import make_celery
-from contracts.settings import Settings
+from sam3_batch.contracts.jobstate import RedisJobStore, job_key
+from sam3_batch.contracts.queue import make_celery
+from sam3_batch.contracts.settings import Settings
 from sam3_batch.jobs import JobRequest, submit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

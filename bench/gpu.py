@@ -34,12 +34,12 @@ from transformers import AutoModel, Sam3Config, Sam3Processor
 from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 
 from bench.common import batches, machine_line, parse_size, photo, table
-from contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
-from contracts.settings import Settings
-from contracts.storage import Storage
-from worker.pipeline import ChunkContext, process_chunk
-from worker.runtime import PreparedImage, Sam3Runtime, resolve_dtype
-from worker.tiny_model import build_checkpoint, build_tokenizer
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.pipeline import ChunkContext, process_chunk
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime, resolve_dtype
+from sam3_batch.worker.tiny_model import build_checkpoint, build_tokenizer
 
 PROMPT = "object"
 MIN_TIMED_S = 3.0  # each (dtype, batch) point runs at least this long, and at least MIN_ITERATIONS batches

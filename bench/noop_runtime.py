@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from contracts.schemas import Thresholds
-from worker.detections import PromptDetections
+from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.worker.detections import PromptDetections
 
 NOOP_MODEL_ID = "bench/noop"
 

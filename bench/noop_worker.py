@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 
 from bench.noop_runtime import NoopRuntime
-from contracts.settings import load_settings
+from sam3_batch.contracts.settings import load_settings
+from sam3_batch.worker.state import init_worker_state
 from sam3_batch.worker_cmd import start_worker
-from worker.state import init_worker_state
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:

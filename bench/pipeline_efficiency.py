@@ -68,17 +68,17 @@ from bench.common import (
     use_fake_aws_credentials,
     wait_for,
 )
-from contracts.jobstate import RedisJobStore
-from contracts.keys import OutputLayout
-from contracts.schemas import JobSpec, OutputOptions, Thresholds, WorkItem
-from contracts.settings import Settings
-from contracts.storage import Storage
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.schemas import JobSpec, OutputOptions, Thresholds, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
 from sam3_batch.jobs import JobRequest, submit
-from worker.decode import decode_image
-from worker.encode import encode_masked_image, encode_png_mask, union_of
-from worker.io_stages import Preparer
-from worker.runtime import PreparedImage, Sam3Runtime
-from worker.writer import ImageJob, build_metadata, write_image_outputs
+from sam3_batch.worker.decode import decode_image
+from sam3_batch.worker.encode import encode_masked_image, encode_png_mask, union_of
+from sam3_batch.worker.io_stages import Preparer
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.writer import ImageJob, build_metadata, write_image_outputs
 
 BUCKET = "bench"
 QUEUE = "sam3-pipeline-bench"

@@ -35,9 +35,9 @@ from bench.common import (
     prepare_all,
     table,
 )
-from contracts.schemas import Thresholds
-from worker.encode import encode_rle_batch
-from worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.worker.encode import encode_rle_batch
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
 
 WORDS = ("person", "car", "dog", "tree", "building", "sky", "road", "bicycle", "cat", "bird", "chair",
          "table", "bottle", "window", "door", "plant", "boat", "sign", "book", "phone")

@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
-from contracts.jobstate import JOBS_INDEX, RedisJobStore
-from contracts.schemas import JobCounters
+from sam3_batch.contracts.jobstate import JOBS_INDEX, RedisJobStore
+from sam3_batch.contracts.schemas import JobCounters
 
 _START_TIMEOUT_S = 10.0
 

@@ -7,9 +7,9 @@ from typing import Protocol
 
 from celery import Celery
 
-from contracts.queue import TASK_NAME
-from contracts.schemas import ChunkMessage
-from producer.backpressure import Backpressure
+from sam3_batch.contracts.queue import TASK_NAME
+from sam3_batch.contracts.schemas import ChunkMessage
+from sam3_batch.producer.backpressure import Backpressure
 
 
 class Dispatcher(Protocol):

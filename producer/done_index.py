@@ -8,8 +8,8 @@ from array import array
 import numpy as np
 import numpy.typing as npt
 
-from contracts.keys import out_key_of_metadata
-from contracts.storage import Storage
+from sam3_batch.contracts.keys import out_key_of_metadata
+from sam3_batch.contracts.storage import Storage
 
 
 def _hash64(out_key: str) -> int:

@@ -26,10 +26,10 @@ from urllib.parse import unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from contracts.errors import BadUriError, ItemError
-from contracts.keys import IMAGE_EXTENSIONS, safe_relative_key
-from contracts.storage import Storage
-from producer.sources import SourceEntry, SourceItem, SourceProblem
+from sam3_batch.contracts.errors import BadUriError, ItemError
+from sam3_batch.contracts.keys import IMAGE_EXTENSIONS, safe_relative_key
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.producer.sources import SourceEntry, SourceItem, SourceProblem
 
 INVENTORY_MANIFEST_NAME = "manifest.json"
 _FILE_DIGITS, _ROW_DIGITS = 6, 12

@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from contracts.redact import redact
-from contracts.schemas import ChunkMessage, Failure, WorkItem
-from producer.sources import SourceEntry, SourceItem, SourceProblem
+from sam3_batch.contracts.redact import redact
+from sam3_batch.contracts.schemas import ChunkMessage, Failure, WorkItem
+from sam3_batch.producer.sources import SourceEntry, SourceItem, SourceProblem
 
 # A long run of skipped or bad entries still moves the checkpoint forward every this many entries.
 _FLUSH_NON_ITEMS = 1024

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Protocol
 
-from contracts.errors import BadUriError, ItemError
-from contracts.keys import IMAGE_EXTENSIONS, key_from_uri, safe_relative_key
-from contracts.storage import Storage
+from sam3_batch.contracts.errors import BadUriError, ItemError
+from sam3_batch.contracts.keys import IMAGE_EXTENSIONS, key_from_uri, safe_relative_key
+from sam3_batch.contracts.storage import Storage
 
 _POSITION_WIDTH = 12
 
@@ -150,7 +150,7 @@ def open_source(storage: Storage, inputs: list[str], manifest: str | None = None
     An S3 Inventory ``manifest.json`` (given as ``--manifest`` or as the only input) is read with
     ``InventorySource``; with ``--manifest``, one input names the prefix to take from the inventory.
     """
-    from producer.inventory import InventorySource, is_inventory_manifest  # it imports this module
+    from sam3_batch.producer.inventory import InventorySource, is_inventory_manifest  # it imports this module
 
     if manifest and is_inventory_manifest(manifest):
         if len(inputs) > 1:

@@ -8,14 +8,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from contracts.jobstate import Checkpoint, JobStore, PlannedCounts
-from contracts.report import finalize_if_complete
-from contracts.schemas import JobSpec
-from contracts.storage import Storage
-from producer.dispatch import Dispatcher
-from producer.done_index import DoneIndex
-from producer.planner import PlannedChunk, chunk_id_for, plan_chunks
-from producer.sources import Source
+from sam3_batch.contracts.jobstate import Checkpoint, JobStore, PlannedCounts
+from sam3_batch.contracts.report import finalize_if_complete
+from sam3_batch.contracts.schemas import JobSpec
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.producer.dispatch import Dispatcher
+from sam3_batch.producer.done_index import DoneIndex
+from sam3_batch.producer.planner import PlannedChunk, chunk_id_for, plan_chunks
+from sam3_batch.producer.sources import Source
 
 log = logging.getLogger(__name__)
 

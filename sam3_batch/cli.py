@@ -8,12 +8,12 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.console import Console
 
-from contracts.errors import Sam3BatchError
-from contracts.jobstate import RedisJobStore, UnknownJobError
-from contracts.redact import register_secret
-from contracts.schemas import OutputOptions, Thresholds
-from contracts.settings import Settings
 from sam3_batch import jobs, progress
+from sam3_batch.contracts.errors import Sam3BatchError
+from sam3_batch.contracts.jobstate import RedisJobStore, UnknownJobError
+from sam3_batch.contracts.redact import register_secret
+from sam3_batch.contracts.schemas import OutputOptions, Thresholds
+from sam3_batch.contracts.settings import Settings
 from sam3_batch.logs import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -187,7 +187,7 @@ def index_cmd(job_id: str,
               target_rows: Annotated[int, typer.Option(min=1, help="Rows per compacted file.")] = 1_000_000,
               as_json: JsonOut = False) -> None:
     """Compact a job's per-chunk Parquet parts into <output root>/_jobs/<job>/index/ for data lakes."""
-    from contracts.storage import Storage
+    from sam3_batch.contracts.storage import Storage
     from sam3_batch.index import compact_index
 
     settings = _settings()

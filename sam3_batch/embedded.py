@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from contracts.jobstate import JobStore
-from contracts.schemas import ChunkMessage, JobSpec
-from worker.parquet_parts import write_chunk_part
-from worker.pipeline import ChunkContext, process_chunk
+from sam3_batch.contracts.jobstate import JobStore
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec
+from sam3_batch.worker.parquet_parts import write_chunk_part
+from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 
 
 class InlineDispatcher:

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from contracts.errors import Sam3BatchError
-from contracts.keys import job_dir_uri, join_uri
-from contracts.storage import ObjectInfo, Storage
-from worker.parquet_parts import (
+from sam3_batch.contracts.errors import Sam3BatchError
+from sam3_batch.contracts.keys import job_dir_uri, join_uri
+from sam3_batch.contracts.storage import ObjectInfo, Storage
+from sam3_batch.worker.parquet_parts import (
     PARQUET_COMPRESSION,
     PARQUET_SUFFIX,
     RESULTS_SCHEMA,

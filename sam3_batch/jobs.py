@@ -8,17 +8,17 @@ from dataclasses import dataclass, field
 
 import redis
 
-from contracts.jobstate import JobStore, RedisJobStore
-from contracts.jobstate_memory import MemoryJobStore
-from contracts.report import build_report, finalize_if_complete
-from contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
-from contracts.settings import Settings
-from contracts.storage import Storage
-from producer.backpressure import Backpressure, QueueDepth
-from producer.dispatch import CeleryDispatcher
-from producer.sources import Source, open_source
-from producer.submit import ProducerSummary, new_job_id, run_producer
+from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
+from sam3_batch.contracts.jobstate_memory import MemoryJobStore
+from sam3_batch.contracts.report import build_report, finalize_if_complete
+from sam3_batch.contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
 from sam3_batch.embedded import InlineDispatcher
+from sam3_batch.producer.backpressure import Backpressure, QueueDepth
+from sam3_batch.producer.dispatch import CeleryDispatcher
+from sam3_batch.producer.sources import Source, open_source
+from sam3_batch.producer.submit import ProducerSummary, new_job_id, run_producer
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
 
 def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
-    from worker.pipeline import ChunkContext
-    from worker.state import load_runtime
+    from sam3_batch.worker.pipeline import ChunkContext
+    from sam3_batch.worker.state import load_runtime
 
     storage = Storage(settings)
     source = open_source(storage, request.inputs, request.manifest)
@@ -75,7 +75,7 @@ def _broker_client(settings: Settings, store: RedisJobStore) -> redis.Redis:
 
 def celery_dispatcher(settings: Settings, store: RedisJobStore) -> CeleryDispatcher:
     """A dispatcher onto the Celery queue, with backpressure read from the broker's queue length."""
-    from contracts.queue import make_celery
+    from sam3_batch.contracts.queue import make_celery
 
     app = make_celery(settings, name="sam3_batch_producer")
     depth = QueueDepth(_broker_client(settings, store), settings.queue)

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from contracts.redact import redact
+from sam3_batch.contracts.redact import redact
 
 _EXTRA_FIELDS = ("job_id", "chunk_id", "uri")
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from contracts.jobstate import JobStore
+from sam3_batch.contracts.jobstate import JobStore
 
 
 @dataclass(frozen=True)

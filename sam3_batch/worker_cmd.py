@@ -7,10 +7,10 @@ import socket
 
 from celery.signals import worker_process_init
 
-from contracts.settings import Settings
-from worker import metrics
-from worker.celery_app import configure_app
-from worker.state import init_worker_state
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.worker import metrics
+from sam3_batch.worker.celery_app import configure_app
+from sam3_batch.worker.state import init_worker_state
 
 log = logging.getLogger(__name__)
 

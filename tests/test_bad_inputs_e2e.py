@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from contracts.jobstate import RedisJobStore
-from contracts.keys import OutputLayout
-from contracts.report import report_uri
-from contracts.schemas import ImageMetadata, JobReport
-from contracts.settings import Settings
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.report import report_uri
+from sam3_batch.contracts.schemas import ImageMetadata, JobReport
+from sam3_batch.contracts.settings import Settings
 from tests.fixtures.images import SIZE
 from tests.fixtures.workers import run_cli, wait_for_job, wait_until
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import redis
 
-from contracts.jobstate import RedisJobStore
-from contracts.report import report_uri
-from contracts.schemas import JobReport
-from contracts.settings import Settings
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.report import report_uri
+from sam3_batch.contracts.schemas import JobReport
+from sam3_batch.contracts.settings import Settings
 from tests.fixtures.metrics import scrape
 from tests.fixtures.services import free_port
 from tests.fixtures.workers import run_cli, wait_for_job, wait_until

@@ -9,17 +9,17 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from contracts.errors import BadUriError, TransientError, is_transient, reason_of
-from contracts.jobstate import Checkpoint, JobStore, PlannedCounts, RedisJobStore
-from contracts.jobstate_memory import MemoryJobStore
-from contracts.keys import OutputLayout, key_from_uri, out_key_of_metadata, safe_relative_key
-from contracts.redact import redact, register_secret
-from contracts.schemas import ChunkMessage, Failure, ItemOutcome, JobSpec
-from contracts.settings import Settings
-from contracts.storage import Storage
-from producer.done_index import DoneIndex
-from producer.planner import plan_chunks
-from producer.sources import SourceItem, SourceProblem
+from sam3_batch.contracts.errors import BadUriError, TransientError, is_transient, reason_of
+from sam3_batch.contracts.jobstate import Checkpoint, JobStore, PlannedCounts, RedisJobStore
+from sam3_batch.contracts.jobstate_memory import MemoryJobStore
+from sam3_batch.contracts.keys import OutputLayout, key_from_uri, out_key_of_metadata, safe_relative_key
+from sam3_batch.contracts.redact import redact, register_secret
+from sam3_batch.contracts.schemas import ChunkMessage, Failure, ItemOutcome, JobSpec
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.producer.done_index import DoneIndex
+from sam3_batch.producer.planner import plan_chunks
+from sam3_batch.producer.sources import SourceItem, SourceProblem
 
 
 @pytest.mark.parametrize("raw", ["../../etc/passwd", "/abs/x.png", "a/../../b.jpg", "a\\..\\b.jpg", "./x/./y.png",

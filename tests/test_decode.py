@@ -11,7 +11,8 @@ import numpy.typing as npt
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from contracts.errors import BadImageError
+from sam3_batch.contracts.errors import BadImageError
+from sam3_batch.worker.decode import ACCEPTED_FORMATS, SUPPORTED_EXTENSIONS, TRANSPARENT_BACKGROUND, decode_image
 from tests.fixtures.images import (
     ALPHA_HIDDEN,
     BLUE,
@@ -26,7 +27,6 @@ from tests.fixtures.images import (
     ImageBytesFactory,
     scene_rgb,
 )
-from worker.decode import ACCEPTED_FORMATS, SUPPORTED_EXTENSIONS, TRANSPARENT_BACKGROUND, decode_image
 
 MAX_PIXELS = 50_000_000
 WHITE = TRANSPARENT_BACKGROUND

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from contracts.keys import OutputLayout
-from contracts.report import report_uri
-from contracts.schemas import ImageMetadata, JobReport
+from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.report import report_uri
+from sam3_batch.contracts.schemas import ImageMetadata, JobReport
+from sam3_batch.worker.encode import decode_rle
 from tests.fixtures.images import GOOD_IMAGES_DIR_FILES
 from tests.fixtures.workers import REPO_ROOT
-from worker.encode import decode_rle
 
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:

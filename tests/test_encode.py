@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from contracts.schemas import RLE
-from worker.encode import (
+from sam3_batch.contracts.schemas import RLE
+from sam3_batch.worker.encode import (
     box_xyxy_to_xywh,
     decode_rle,
     encode_masked_image,

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contracts.jobstate import RedisJobStore
-from contracts.keys import OutputLayout
-from contracts.report import report_uri
-from contracts.schemas import ImageMetadata, JobReport
-from contracts.settings import Settings
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.report import report_uri
+from sam3_batch.contracts.schemas import ImageMetadata, JobReport
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.worker.encode import decode_rle
 from tests.fixtures.workers import run_cli, wait_for_job
-from worker.encode import decode_rle
 
 PROMPTS = ["a red square", "the blue circle"]
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from kombu.transport.redis import Channel
 
-from contracts.settings import ENV_PREFIX, Settings
+from sam3_batch.contracts.settings import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from contracts.errors import BadUriError, ItemError
-from contracts.jobstate_memory import MemoryJobStore
-from contracts.schemas import ChunkMessage, JobSpec
-from contracts.storage import Storage
-from producer.inventory import InventorySource, inventory_position
-from producer.sources import PrefixSource, SourceItem, SourceProblem, open_source
-from producer.submit import run_producer
+from sam3_batch.contracts.errors import BadUriError, ItemError
+from sam3_batch.contracts.jobstate_memory import MemoryJobStore
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.producer.inventory import InventorySource, inventory_position
+from sam3_batch.producer.sources import PrefixSource, SourceItem, SourceProblem, open_source
+from sam3_batch.producer.submit import run_producer
 
 CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag"
 MANIFEST_KEY = "inventory/src/daily/2026-01-01T01-00Z/manifest.json"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis
 
-from contracts.jobstate import RedisJobStore
-from contracts.settings import Settings
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.settings import Settings
 from tests.fixtures.metrics import sample_value, scrape
 from tests.fixtures.services import AWS_SECRET_ACCESS_KEY, free_port
 from tests.fixtures.workers import run_cli, wait_for_job

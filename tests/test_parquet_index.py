@@ -16,9 +16,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from contracts.jobstate import RedisJobStore
-from contracts.keys import job_dir_uri, out_key_of_metadata
-from contracts.schemas import (
+from sam3_batch import jobs
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.keys import job_dir_uri, out_key_of_metadata
+from sam3_batch.contracts.schemas import (
     RLE,
     Annotation,
     ImageInfo,
@@ -27,13 +28,12 @@ from contracts.schemas import (
     PromptSummary,
     Thresholds,
 )
-from contracts.settings import Settings
-from contracts.storage import Storage
-from sam3_batch import jobs
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
 from sam3_batch.index import IndexPartError, compact_index, index_dir_uri
+from sam3_batch.worker.encode import decode_rle, encode_rle
+from sam3_batch.worker.parquet_parts import RESULTS_SCHEMA, part_uri, parts_dir_uri, write_chunk_part
 from tests.fixtures.workers import run_cli, wait_for_job
-from worker.encode import decode_rle, encode_rle
-from worker.parquet_parts import RESULTS_SCHEMA, part_uri, parts_dir_uri, write_chunk_part
 
 PROMPTS = ["a red square", "the blue circle"]
 Row = dict[str, Any]

@@ -11,17 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from contracts.keys import OutputLayout
-from contracts.schemas import ChunkMessage, ImageMetadata, JobSpec, OutputOptions, Thresholds, WorkItem
-from contracts.settings import Settings
-from contracts.storage import Storage
+from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, JobSpec, OutputOptions, Thresholds, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.decode import decode_image
+from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.encode import decode_rle
+from sam3_batch.worker.pipeline import ChunkContext, process_chunk
+from sam3_batch.worker.runtime import CPU_BATCH_SIZE, Sam3Runtime
+from sam3_batch.worker.writer import ImageJob, write_image_outputs
 from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, scene_image
-from worker.decode import decode_image
-from worker.detections import PromptDetections
-from worker.encode import decode_rle
-from worker.pipeline import ChunkContext, process_chunk
-from worker.runtime import CPU_BATCH_SIZE, Sam3Runtime
-from worker.writer import ImageJob, write_image_outputs
 
 PROMPTS = ["a red disc", "blue box"]
 # Random weights score queries at ~0.05-0.25: this keeps some instances and drops others.

@@ -16,13 +16,13 @@ import pytest
 import redis
 from kombu import compression
 
-from contracts.jobstate import RedisJobStore
-from contracts.schemas import ChunkMessage
-from contracts.settings import Settings
-from contracts.storage import Storage
-from producer.sources import open_source
-from producer.submit import ProducerSummary, run_producer
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.schemas import ChunkMessage
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
 from sam3_batch.jobs import JobRequest, build_spec, celery_dispatcher
+from sam3_batch.producer.sources import open_source
+from sam3_batch.producer.submit import ProducerSummary, run_producer
 from tests.fixtures.workers import REPO_ROOT, run_cli, settings_env, wait_for_job, wait_until
 
 ZLIB = "application/x-gzip"  # kombu's content type for zlib (task_compression = "zlib")

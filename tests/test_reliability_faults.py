@@ -22,9 +22,10 @@ import pytest
 import redis
 from PIL import Image
 
-from contracts.jobstate import RedisJobStore, job_key
-from contracts.schemas import ImageMetadata, JobCounters
-from contracts.settings import Settings
+from sam3_batch.contracts.jobstate import RedisJobStore, job_key
+from sam3_batch.contracts.schemas import ImageMetadata, JobCounters
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.worker.encode import decode_rle
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.workers import (
     WorkerProcess,
@@ -34,7 +35,6 @@ from tests.fixtures.workers import (
     wait_for_job,
     wait_until,
 )
-from worker.encode import decode_rle
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import redis
 
-from contracts.jobstate import RedisJobStore, job_key
-from contracts.report import report_uri
-from contracts.schemas import ImageMetadata, JobReport
-from contracts.settings import Settings
+from sam3_batch.contracts.jobstate import RedisJobStore, job_key
+from sam3_batch.contracts.report import report_uri
+from sam3_batch.contracts.schemas import ImageMetadata, JobReport
+from sam3_batch.contracts.settings import Settings
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.workers import run_cli, start_cli, unacked_ages, wait_for_job, wait_until
 

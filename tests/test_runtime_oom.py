@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
 
-from contracts.schemas import Thresholds
+from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
 from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, assert_same_detections, scene_image
-from worker.runtime import PreparedImage, Sam3Runtime
 
 THRESHOLDS = Thresholds(score=0.05, mask=0.5)
 

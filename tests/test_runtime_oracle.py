@@ -13,11 +13,17 @@ import torch
 from PIL import Image
 from transformers import Sam3Model, Sam3Processor
 
-from contracts.schemas import Thresholds
+from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.tiny_model import (
+    TINY_RANDOM,
+    build_checkpoint,
+    build_tiny_checkpoint,
+    build_tokenizer,
+    resolve_model,
+)
 from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, assert_same_detections, scene_image
-from worker.detections import PromptDetections
-from worker.runtime import PreparedImage, Sam3Runtime
-from worker.tiny_model import TINY_RANDOM, build_checkpoint, build_tiny_checkpoint, build_tokenizer, resolve_model
 
 PROMPTS = ("cat", "a red car", "person on a bicycle", "blue sky")
 # Random weights score every query at ~0.05-0.25: these keep all, some, and a few of them.

@@ -27,12 +27,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from contracts.jobstate import RedisJobStore
-from contracts.queue import TASK_NAME, make_celery
-from contracts.report import report_uri
-from contracts.schemas import ImageMetadata, JobCounters
-from contracts.settings import Settings
-from contracts.storage import Storage
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.queue import TASK_NAME, make_celery
+from sam3_batch.contracts.report import report_uri
+from sam3_batch.contracts.schemas import ImageMetadata, JobCounters
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.images import image_bytes
 from tests.fixtures.services import AWS_REGION, RedisServer

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from contracts.jobstate import RedisJobStore
-from contracts.schemas import ChunkMessage, JobSpec, OutputOptions, Thresholds, WorkItem
-from contracts.settings import Settings
-from contracts.storage import Storage
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, OutputOptions, Thresholds, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.pipeline import ChunkContext, ChunkResult, process_chunk
+from sam3_batch.worker.runtime import Sam3Runtime
+from sam3_batch.worker.stage_pools import STAGE_NICENESS
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.workers import descendant_pids, wait_until
-from worker.pipeline import ChunkContext, ChunkResult, process_chunk
-from worker.runtime import Sam3Runtime
-from worker.stage_pools import STAGE_NICENESS
 
 IMAGES = ["in/b0.jpg", "in/b1.jpg", "in/b2.jpg"]
 KILLED = "in/b1.jpg"

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from contracts.errors import ForbiddenError, NotFoundError, TransientError, is_transient, reason_of
-from contracts.settings import Settings
-from contracts.storage import Storage
+from sam3_batch.contracts.errors import ForbiddenError, NotFoundError, TransientError, is_transient, reason_of
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.services import free_port
 

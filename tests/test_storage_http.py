@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from contracts.errors import BadUriError, ForbiddenError, ItemError, NotFoundError, TransientError
-from contracts.settings import Settings
-from contracts.storage import Storage
-from contracts.storage.http import Address, HttpBackend, is_public_address
+from sam3_batch.contracts.errors import BadUriError, ForbiddenError, ItemError, NotFoundError, TransientError
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.contracts.storage.http import Address, HttpBackend, is_public_address
 
 FILES = {"cat.jpg": b"\xff\xd8 not really a jpeg", "my image €.png": b"png bytes", "big.bin": b"x" * 5000}
 LOOPBACK = ipaddress.ip_address("127.0.0.1")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from contracts.errors import BadUriError, NotFoundError
-from contracts.settings import Settings
-from contracts.storage import Storage
-from contracts.storage.local import TMP_SUFFIX
+from sam3_batch.contracts.errors import BadUriError, NotFoundError
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.contracts.storage.local import TMP_SUFFIX
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from contracts.errors import BadUriError, NotFoundError
-from contracts.settings import Settings
-from contracts.storage import Storage
-from contracts.storage.s3 import S3Backend
+from sam3_batch.contracts.errors import BadUriError, NotFoundError
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.contracts.storage.s3 import S3Backend
 from tests.fixtures.faulty_proxy import FaultyProxy
 
 SettingsFactory = Callable[..., Settings]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from celery import Celery
 
-from contracts.queue import celery_config
-from contracts.settings import Settings
+from sam3_batch.contracts.queue import celery_config
+from sam3_batch.contracts.settings import Settings
 
-app = Celery("sam3_batch", include=["worker.tasks"])
+app = Celery("sam3_batch", include=["sam3_batch.worker.tasks"])
 
 
 def configure_app(settings: Settings) -> Celery:

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from contracts.errors import BadImageError
+from sam3_batch.contracts.errors import BadImageError
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}

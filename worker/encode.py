@@ -11,7 +11,7 @@ import numpy.typing as npt
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from contracts.schemas import RLE
+from sam3_batch.contracts.schemas import RLE
 
 BoolMask = npt.NDArray[np.bool_]
 

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from contracts.errors import is_transient, reason_of
-from contracts.keys import OutputLayout
-from contracts.schemas import ImageMetadata, JobSpec, WorkItem
-from contracts.settings import Settings
-from contracts.storage import Storage
-from worker.decode import decode_image
-from worker.writer import ImageJob, pixels_for_writer, write_image_outputs
+from sam3_batch.contracts.errors import is_transient, reason_of
+from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.schemas import ImageMetadata, JobSpec, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.decode import decode_image
+from sam3_batch.worker.writer import ImageJob, pixels_for_writer, write_image_outputs
 
 Preparer = Callable[[Image.Image], Any]  # decoded RGB image -> what the runtime's segment() takes
 

@@ -14,9 +14,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from contracts.keys import job_dir_uri, join_uri
-from contracts.schemas import SCHEMA_VERSION, Annotation, ImageMetadata
-from contracts.storage import Storage
+from sam3_batch.contracts.keys import job_dir_uri, join_uri
+from sam3_batch.contracts.schemas import SCHEMA_VERSION, Annotation, ImageMetadata
+from sam3_batch.contracts.storage import Storage
 
 PARTS_DIR = "parts"
 PARQUET_SUFFIX = ".parquet"

@@ -16,13 +16,13 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from contracts.errors import JobCancelledError
-from contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcome, JobSpec, Thresholds, WorkItem
-from contracts.settings import Settings
-from contracts.storage import Storage
-from worker import metrics
-from worker.detections import PromptDetections
-from worker.io_stages import (
+from sam3_batch.contracts.errors import JobCancelledError
+from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcome, JobSpec, Thresholds, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker import metrics
+from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.io_stages import (
     AlreadyDone,
     LoadedImage,
     LoadResult,
@@ -33,8 +33,8 @@ from worker.io_stages import (
     load_image,
     write_image,
 )
-from worker.stage_pools import StagePool
-from worker.writer import ImageJob
+from sam3_batch.worker.stage_pools import StagePool
+from sam3_batch.worker.writer import ImageJob
 
 
 class SegmentationRuntime(Protocol):

@@ -14,16 +14,16 @@ import torch
 from transformers import Sam3Model, Sam3Processor
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
 
-from contracts.schemas import Thresholds
-from worker.detections import PromptDetections
-from worker.sam3_adapter import (
+from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.sam3_adapter import (
     UPSAMPLE_PIXEL_BUDGET,
     as_text_embeds,
     select_vision_rows,
     text_features,
     to_detections,
 )
-from worker.tiny_model import resolve_model
+from sam3_batch.worker.tiny_model import resolve_model
 
 logger = logging.getLogger(__name__)
 

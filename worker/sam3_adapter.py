@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
-from contracts.schemas import Thresholds
-from worker.detections import PromptDetections
+from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.worker.detections import PromptDetections
 
 # Full-size float probabilities for this many pixels (x4 bytes) are upsampled at once: instances are
 # upsampled independently, so grouping them only bounds device memory and never changes a mask.

@@ -26,9 +26,9 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal, TypeVar
 
-from contracts.settings import Settings
-from contracts.storage import Storage
-from worker.io_stages import Preparer, StageFailure, StageResources
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.io_stages import Preparer, StageFailure, StageResources
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ R = TypeVar("R")
 StageFunction = Callable[..., R]  # fn(resources, *args): a module-level function of worker.io_stages
 
 # Modules every stage process needs, imported once in the forkserver so that each child starts warm.
-_PRELOAD = ["worker.io_stages", "worker.runtime"]
+_PRELOAD = ["sam3_batch.worker.io_stages", "sam3_batch.worker.runtime"]
 # Stage processes yield the CPU to the model's process when both want it: the thread that feeds the GPU
 # must never wait for a core, while loaders and writers have a chunk of slack (bench/RESULTS.md).
 STAGE_NICENESS = 10

@@ -7,12 +7,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from contracts.jobstate import JobStore, RedisJobStore
-from contracts.schemas import JobSpec
-from contracts.settings import Settings
-from contracts.storage import Storage
-from worker import metrics
-from worker.pipeline import ChunkContext, SegmentationRuntime
+from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
+from sam3_batch.contracts.schemas import JobSpec
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker import metrics
+from sam3_batch.worker.pipeline import ChunkContext, SegmentationRuntime
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def load_runtime(settings: Settings) -> SegmentationRuntime:
     """Load the resident SAM 3 model named by settings (``tiny-random`` builds one offline)."""
     from transformers.utils import logging as hf_logging
 
-    from worker.runtime import Sam3Runtime
+    from sam3_batch.worker.runtime import Sam3Runtime
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # progress bars are log noise
     start = time.perf_counter()

@@ -11,16 +11,16 @@ from celery import Task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from contracts.errors import JobCancelledError, is_transient, reason_of
-from contracts.jobstate import UnknownJobError
-from contracts.queue import TASK_NAME
-from contracts.report import finalize_if_complete
-from contracts.schemas import ChunkMessage, ItemOutcome
-from worker import metrics
-from worker.celery_app import app
-from worker.parquet_parts import write_chunk_part
-from worker.pipeline import ChunkResult, process_chunk
-from worker.state import WorkerState, worker_state
+from sam3_batch.contracts.errors import JobCancelledError, is_transient, reason_of
+from sam3_batch.contracts.jobstate import UnknownJobError
+from sam3_batch.contracts.queue import TASK_NAME
+from sam3_batch.contracts.report import finalize_if_complete
+from sam3_batch.contracts.schemas import ChunkMessage, ItemOutcome
+from sam3_batch.worker import metrics
+from sam3_batch.worker.celery_app import app
+from sam3_batch.worker.parquet_parts import write_chunk_part
+from sam3_batch.worker.pipeline import ChunkResult, process_chunk
+from sam3_batch.worker.state import WorkerState, worker_state
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from contracts.keys import OutputLayout
-from contracts.schemas import (
+from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.schemas import (
     Annotation,
     ImageInfo,
     ImageMetadata,
@@ -18,9 +18,9 @@ from contracts.schemas import (
     PromptSummary,
     WorkItem,
 )
-from contracts.storage import Storage
-from worker.detections import PromptDetections
-from worker.encode import (
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.encode import (
     box_xyxy_to_xywh,
     encode_masked_image,
     encode_png_mask,

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery
 
-from contracts.settings import Settings
+from sam3_batch.contracts.settings import Settings
 
 TASK_NAME = "sam3.process_chunk"
 

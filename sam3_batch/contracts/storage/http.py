@@ -18,10 +18,10 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 from urllib3.exceptions import DecodeError, HTTPError, LocationValueError, NewConnectionError, SSLError
 
-from contracts.errors import BadUriError, ForbiddenError, ItemError, NotFoundError, TransientError
-from contracts.redact import redact
-from contracts.settings import Settings
-from contracts.storage.base import ObjectInfo
+from sam3_batch.contracts.errors import BadUriError, ForbiddenError, ItemError, NotFoundError, TransientError
+from sam3_batch.contracts.redact import redact
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage.base import ObjectInfo
 
 Address = IPv4Address | IPv6Address
 AddressPolicy = Callable[[Address], bool]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from contracts.jobstate import JobStore
-from contracts.keys import job_dir_uri, join_uri
-from contracts.schemas import JobReport, ModelInfo
-from contracts.storage import Storage
+from sam3_batch.contracts.jobstate import JobStore
+from sam3_batch.contracts.keys import job_dir_uri, join_uri
+from sam3_batch.contracts.schemas import JobReport, ModelInfo
+from sam3_batch.contracts.storage import Storage
 
 REPORT_FAILURE_LIMIT = 100_000
 

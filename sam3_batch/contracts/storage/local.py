@@ -10,8 +10,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from contracts.errors import BadUriError, ForbiddenError, NotFoundError
-from contracts.storage.base import ObjectInfo
+from sam3_batch.contracts.errors import BadUriError, ForbiddenError, NotFoundError
+from sam3_batch.contracts.storage.base import ObjectInfo
 
 # Temp files of in-flight atomic writes end with this and start with '.'; listings skip them.
 TMP_SUFFIX = ".sam3-tmp"

@@ -14,7 +14,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
+from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
 KEY_PREFIX = "sam3b"
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"

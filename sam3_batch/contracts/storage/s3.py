@@ -9,7 +9,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from contracts.errors import (
+from sam3_batch.contracts.errors import (
     BadUriError,
     ForbiddenError,
     ItemError,
@@ -18,9 +18,9 @@ from contracts.errors import (
     TransientError,
     is_transient,
 )
-from contracts.redact import redact, register_secret
-from contracts.settings import Settings
-from contracts.storage.base import ObjectInfo
+from sam3_batch.contracts.redact import redact, register_secret
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage.base import ObjectInfo
 
 _PREFIX = "s3://"
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}

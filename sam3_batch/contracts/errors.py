@@ -6,7 +6,7 @@ import socket
 
 import redis
 
-from contracts.redact import redact
+from sam3_batch.contracts.redact import redact
 
 
 class Sam3BatchError(Exception):

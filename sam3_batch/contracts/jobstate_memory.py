@@ -7,8 +7,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from contracts.jobstate import Checkpoint, PlannedCounts, UnknownJobError
-from contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
+from sam3_batch.contracts.jobstate import Checkpoint, PlannedCounts, UnknownJobError
+from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
 
 @dataclass

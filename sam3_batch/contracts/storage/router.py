@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 
-from contracts.errors import BadUriError
-from contracts.redact import redact
-from contracts.settings import Settings
-from contracts.storage.base import Backend, ObjectInfo
+from sam3_batch.contracts.errors import BadUriError
+from sam3_batch.contracts.redact import redact
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage.base import Backend, ObjectInfo
 
 _SCHEMES = ("s3", "file", "http", "https")
 
@@ -66,20 +66,20 @@ class Storage:
 
 
 def _local(settings: Settings) -> Backend:
-    from contracts.storage.local import LocalBackend
+    from sam3_batch.contracts.storage.local import LocalBackend
 
     return LocalBackend()
 
 
 def _s3(settings: Settings) -> Backend:
     # Imported on first use: processes that never touch S3 do not pay for importing boto3.
-    from contracts.storage.s3 import S3Backend
+    from sam3_batch.contracts.storage.s3 import S3Backend
 
     return S3Backend(settings)
 
 
 def _http(settings: Settings) -> Backend:
-    from contracts.storage.http import HttpBackend
+    from sam3_batch.contracts.storage.http import HttpBackend
 
     return HttpBackend(settings)
 
