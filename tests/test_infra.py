@@ -24,6 +24,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from kombu.transport.redis import Channel
+from packaging.requirements import Requirement
 
 from sam3_batch.contracts.settings import ENV_PREFIX, Settings
 
@@ -570,6 +571,13 @@ def test_locks_cover_pyproject_and_keep_the_gpu_stack_where_it_belongs() -> None
     assert extras["flower"] <= set(control)
     assert not [name for name in worker if from_torch_index.fullmatch(name)], "left to the PyTorch index step"
     assert not (extras["worker"] | {"transformers", "triton"}) & set(control), "the control image has no GPU stack"
+    # Every locked version satisfies pyproject's range: a changed range without `bash infra/lock.sh` fails here.
+    for lock, requirements in ((worker, [*pyproject["dependencies"], *pyproject["optional-dependencies"]["worker"]]),
+                               (control, [*pyproject["dependencies"], *pyproject["optional-dependencies"]["flower"]])):
+        for requirement in map(Requirement, requirements):
+            name = requirement.name.lower()
+            if name in lock:
+                assert requirement.specifier.contains(lock[name], prereleases=True), (str(requirement), lock[name])
 
 
 def test_torch_build_check_accepts_this_environment_and_rejects_another_cuda_build_or_a_foreign_package(
