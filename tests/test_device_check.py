@@ -19,6 +19,11 @@ from sam3_batch.contracts.settings import ENV_PREFIX, Settings
 from sam3_batch.worker.device_check import GpuRequiredError, check_device
 
 REPO = Path(__file__).resolve().parents[1]
+LOGGER = "sam3_batch.worker.device_check"
+
+
+def warnings_of_the_check(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == LOGGER]
 
 
 def fallback_metric() -> float | None:
@@ -29,10 +34,10 @@ def test_auto_falling_back_to_cpu_where_nvidia_visible_devices_is_set_warns_and_
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path,
 ) -> None:
     monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "all")
-    with caplog.at_level(logging.WARNING, logger="sam3_batch.worker.device_check"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         device = check_device(Settings(device="auto"), dev_dir=tmp_path)
     assert device == "cpu"
-    (record,) = caplog.records
+    (record,) = warnings_of_the_check(caplog)
     assert "fell back to the CPU" in record.getMessage() and "NVIDIA_VISIBLE_DEVICES=all" in record.getMessage()
     assert "SAM3_BATCH_REQUIRE_GPU=true" in record.getMessage()
     assert fallback_metric() == 1
@@ -44,9 +49,9 @@ def test_a_nvidia_device_file_alone_is_a_sign_of_a_gpu_machine(
     monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
     (tmp_path / "nvidia0").touch()
     (tmp_path / "nvidiactl").touch()  # a control node, not a GPU
-    with caplog.at_level(logging.WARNING, logger="sam3_batch.worker.device_check"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         check_device(Settings(device="auto"), dev_dir=tmp_path)
-    (record,) = caplog.records
+    (record,) = warnings_of_the_check(caplog)
     assert str(tmp_path / "nvidia0") in record.getMessage()
     assert "nvidiactl" not in record.getMessage()
     assert fallback_metric() == 1
@@ -62,9 +67,9 @@ def test_no_warning_when_the_cpu_is_expected(
         monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", visible)
-    with caplog.at_level(logging.WARNING, logger="sam3_batch.worker.device_check"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert check_device(Settings(device=device), dev_dir=tmp_path) == "cpu"
-    assert caplog.records == []
+    assert warnings_of_the_check(caplog) == []
     assert fallback_metric() == 0
 
 
