@@ -45,8 +45,9 @@ def problems(before: dict[str, str], torch_version: str, torchvision_version: st
     if not found:
         import torch  # only once the versions are right: importing a wrong build can fail for other reasons
 
-        if torch.version.cuda != cuda:
-            found.append(f"torch is built for CUDA {torch.version.cuda}, expected {cuda}")
+        built_for = torch.version.cuda or "none"  # None: a CPU-only build
+        if built_for != cuda:
+            found.append(f"torch is built for CUDA {built_for}, expected {cuda}")
     return found
 
 

@@ -593,14 +593,15 @@ def test_torch_build_check_accepts_this_environment_and_rejects_another_cuda_bui
         return subprocess.run([sys.executable, str(script), "verify", str(before), *versions, "--cuda", cuda],
                               capture_output=True, text=True, timeout=120, check=False)
 
-    assert verify(snapshot, str(torch.version.cuda)).returncode == 0
+    built_for = torch.version.cuda or "none"
+    assert verify(snapshot, built_for).returncode == 0
     wrong = verify(snapshot, "11.0")
-    assert wrong.returncode == 1 and f"torch is built for CUDA {torch.version.cuda}, expected 11.0" in wrong.stderr
+    assert wrong.returncode == 1 and f"torch is built for CUDA {built_for}, expected 11.0" in wrong.stderr
     earlier = json.loads(snapshot.read_text())
     earlier["sympy"] = "0.1"  # as if the PyTorch index step had replaced the locked sympy
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps(earlier))
-    foreign = verify(changed, str(torch.version.cuda))
+    foreign = verify(changed, built_for)
     assert foreign.returncode == 1 and "installed other packages: sympy==" in foreign.stderr
 
 
