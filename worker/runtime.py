@@ -100,9 +100,9 @@ def compile_warmup_sizes(batch_size: int) -> list[int]:
     """Batch sizes that leave torch.compile nothing to recompile for any batch of 1..``batch_size`` images.
 
     Dynamo specialises size 1, compiles the next size it sees statically, and marks the batch dimension
-    dynamic at the third: after 1, 2 and one more size, every size reuses a compiled graph.
+    dynamic at the third: after 1, 2 and the largest size, every size in between reuses a compiled graph.
     """
-    return sorted({1, min(2, batch_size), max(batch_size, 3)})
+    return sorted({1, min(2, batch_size), batch_size})
 
 
 def batch_size_for(free_bytes: int, fixed_bytes: int, per_image_bytes: int, limit: int = AUTO_BATCH_LIMIT) -> int:
