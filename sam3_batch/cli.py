@@ -35,7 +35,7 @@ BatchSize = Annotated[int | None, typer.Option(min=0, help="Images per model bat
 ChunkSize = Annotated[int | None, typer.Option(min=1, help="Images per queue message.")]
 SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata already exists.")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")]
+Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 or autocast-bf16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 

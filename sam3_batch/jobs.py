@@ -47,11 +47,12 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
 def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
     from sam3_batch.worker.pipeline import ChunkContext
-    from sam3_batch.worker.state import load_runtime
+    from sam3_batch.worker.state import load_runtime, warm_up_compiled
 
     storage = Storage(settings)
     source = open_source(storage, request.inputs, request.manifest)
     context = ChunkContext.create(load_runtime(settings), storage, settings)
+    warm_up_compiled(context)
     store = MemoryJobStore()
     spec = build_spec(request, settings)  # after the model load, so throughput counts the work only
     store.create(spec)

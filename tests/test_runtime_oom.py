@@ -30,7 +30,9 @@ class MemoryCappedRuntime(Sam3Runtime):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return super()._vision_features(pixel_values)
 
-    def _detect_rows(self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds) -> list[PromptDetections]:
+    def _detect_rows(
+        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds
+    ) -> list[PromptDetections]:
         self.row_attempts.append(len(rows.prompts))
         if len(rows.prompts) > self.max_rows:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
