@@ -54,18 +54,22 @@ def float32_heads(model: Any) -> list[torch.nn.Module]:
 
 
 def keep_heads_in_float32(model: Any) -> None:
-    """Run the box and score heads in float32 with autocast off, whatever the context around them."""
+    """Under autocast, run the box and score heads in float32 with autocast off; outside it, as they are."""
     for module in float32_heads(model):
-        module.forward = _in_float32(module.forward)
+        if not getattr(module.forward, "keeps_float32", False):  # once: a bench converts one model many times
+            module.forward = _in_float32(module.forward)
 
 
 def _in_float32(forward: Callable[..., Any]) -> Callable[..., Any]:
     def float32_forward(*args: Any, **kwargs: Any) -> Any:
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
         device_type = tensors[0].device.type if tensors else "cpu"
+        if not torch.is_autocast_enabled(device_type):
+            return forward(*args, **kwargs)
         with torch.autocast(device_type, enabled=False):
             return forward(*(_float(a) for a in args), **{k: _float(v) for k, v in kwargs.items()})
 
+    float32_forward.keeps_float32 = True  # type: ignore[attr-defined]
     return float32_forward
 
 

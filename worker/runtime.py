@@ -170,8 +170,7 @@ class Sam3Runtime:
         )
         module: torch.nn.Module = network  # as a plain Module: transformers' to()/eval() are untyped
         module.to(torch_device).eval()
-        if precision.autocast is not None:
-            keep_heads_in_float32(network)
+        keep_heads_in_float32(network)  # inert unless the precision is an autocast one
         if compile:
             # The ViT is most of the compute; the heads see a varying number of rows per batch.
             network.vision_encoder.compile()
