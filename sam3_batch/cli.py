@@ -210,5 +210,6 @@ def main() -> None:
         console.print(f"[red]unknown job {exc.args[0]}")
         raise SystemExit(1) from None
     except Sam3BatchError as exc:
-        console.print(f"[red]{exc}")
+        # One line however long (soft_wrap), and the message as plain text: it may quote user data.
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(1) from None

@@ -180,3 +180,23 @@ def test_compiled_vision_encoder_does_not_recompile_after_warm_up(tiny_checkpoin
         runtime.segment([image] * size, [["cat"]] * size, Thresholds(score=1.0))
 
     assert before > 0 and compiled["unique_graphs"] == before
+
+
+def test_the_cli_refuses_compile_without_a_toolchain_in_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    scene_image((64, 64)).save(tmp_path / "one.png")
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")}
+    env |= {"PATH": str(tmp_path), "SAM3_BATCH_COMPILE": "true", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "sam3_batch", "run", str(tmp_path), "-p", "cat", "--out", str(tmp_path / "out"),
+         "--model", "tiny-random", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if "SAM3_BATCH_COMPILE" in line]
+    assert len(lines) == 1 and "C++ compiler" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
