@@ -12,6 +12,7 @@ the mask work of a crowded real image; instances per image are printed to show i
   - the bare forward on pre-decoded, pre-resized tensors (``Sam3Runtime.bare_forward``, host-to-device
     copy included): images/s, ms/image and peak GPU memory (``torch.cuda.max_memory_allocated``) by
     dtype and batch size, and the batch size ``Sam3Runtime.suggest_batch_size`` picks from free memory;
+  - each dtype's detections against float32's (scores, presence, boxes, mask pixels) on the same photos;
   - end-to-end efficiency: the product's ``process_chunk`` on JPEG photos in a local folder (read, decode,
     resize in threads; batched model; RLE + metadata JSON written in threads), one chunk at a time and two
     chunks at once (as ``--pool threads --concurrency 2``), divided by the bare forward at the same dtype
@@ -132,6 +133,8 @@ class Models:
                 sam3_config, attn_implementation="sdpa", dtype=torch.float32
             )
         self.network.eval()
+        # Float32 master weights on the host: each dtype starts from them, never from another dtype's roundings.
+        self.master = {name: value.detach().cpu().clone() for name, value in self.network.state_dict().items()}
         keep_heads_in_float32(self.network)  # as Sam3Runtime.load does: inert outside autocast
         if compile:
             require_compile_toolchain(self.device.type)
@@ -140,6 +143,8 @@ class Models:
 
     def runtime(self, dtype_name: str) -> Sam3Runtime:
         precision = resolve_precision(dtype_name, self.device)
+        self.network.to(torch.float32)
+        self.network.load_state_dict(self.master)
         self.network.to(precision.weights)
         return Sam3Runtime(self.network, self.processor, model_id="random-sam3", revision=None,
                            device=self.device, dtype=precision.weights, precision=precision)
@@ -192,6 +197,32 @@ def segment_images_per_s(runtime: Sam3Runtime, images: list[PreparedImage], batc
         runtime.segment(rows, [[PROMPT]] * batch, thresholds)
         iterations += 1
     return batch * iterations / (time.perf_counter() - start)
+
+
+def precision_table(models: Models, dtypes: tuple[str, ...], photo_wh: tuple[int, int]) -> str:
+    """Each dtype's detections against float32's on the same photos (every query kept): the worst gaps."""
+    photos = [photo(photo_wh, seed) for seed in range(4)]
+    thresholds = Thresholds(score=0.0)
+    reference_runtime = models.runtime("float32")
+    reference = reference_runtime.segment([reference_runtime.prepare(p) for p in photos], [[PROMPT]] * 4, thresholds)
+    rows = []
+    for dtype_name in (d for d in dtypes if d != "float32"):
+        runtime = models.runtime(dtype_name)
+        try:
+            found = runtime.segment([runtime.prepare(p) for p in photos], [[PROMPT]] * 4, thresholds)
+        except Exception as exc:  # NaN/inf in float16, say: that is the finding
+            rows.append((dtype_name, f"failed: {type(exc).__name__}", "", "", ""))
+            continue
+        pairs = [(one, other) for [one], [other] in zip(found, reference, strict=True)]
+        score = max(float(abs(one.scores - other.scores).max()) for one, other in pairs)
+        presence = max(abs((one.presence_score or 0.0) - (other.presence_score or 0.0)) for one, other in pairs)
+        box = max(float(abs(one.boxes_xyxy - other.boxes_xyxy).max()) for one, other in pairs)
+        masks = max(float((one.masks != other.masks).mean()) for one, other in pairs)
+        rows.append((dtype_name, f"{score:.2e}", f"{presence:.2e}", f"{box:.2f}", f"{100 * masks:.3f}"))
+    return (f"precision against float32: {len(photos)} photos of {photo_wh[0]}x{photo_wh[1]}, every query kept, "
+            "random weights (trained weights round differently)\n\n"
+            + table(("dtype", "max Δ score", "max Δ presence", "max Δ box px", "mask pixels differing %"),
+                    rows))
 
 
 @dataclass(frozen=True)
@@ -315,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n" + points_table(points))
         if e2e is not None:
             print("\n" + e2e_table(e2e, config))
+        if len(config.dtypes) > 1:
+            print("\n" + precision_table(models, config.dtypes, config.photo_wh), flush=True)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -22,6 +22,7 @@ def test_gpu_session_smoke_mode_writes_its_tables_with_instances_on_every_image(
     instances = re.search(r"score threshold 0\.0: (\d+\.\d) instances per image", bench)
     assert instances and float(instances.group(1)) > 0, bench
     assert "process_chunk, two chunks at once" in bench
+    assert re.search(r"^\| autocast-bf16 \| \d\.\d\de-\d\d \|", bench, re.MULTILINE), bench  # against float32
     assert "torch.compile toolchain" in (tmp_path / "environment.txt").read_text()
 
 
