@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +186,6 @@ def test_compiled_vision_encoder_does_not_recompile_after_warm_up(tiny_checkpoin
 
 
 def test_the_cli_refuses_compile_without_a_toolchain_in_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     scene_image((64, 64)).save(tmp_path / "one.png")
     env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")}
     env |= {"PATH": str(tmp_path), "SAM3_BATCH_COMPILE": "true", "HF_HOME": str(tmp_path / "hf")}
