@@ -123,10 +123,10 @@ def _required(tensor: torch.Tensor | None, name: str) -> torch.Tensor:
 def _check_finite(scores: torch.Tensor, boxes: torch.Tensor, model_dtype: torch.dtype) -> None:
     bad_rows = ~(torch.isfinite(scores).all(dim=1) & torch.isfinite(boxes).flatten(1).all(dim=1))
     if bad_rows.any():
+        hint = ": float16 overflows, use bfloat16 or autocast-bf16" if model_dtype == torch.float16 else ""
         raise NonFiniteOutputError(
             f"the model gave NaN/inf scores or boxes for {int(bad_rows.sum())} of {scores.shape[0]} "
-            f"image-prompt rows (computing in {str(model_dtype).removeprefix('torch.')}); "
-            "float16 overflows in this model: use bfloat16 or autocast-bf16"
+            f"image-prompt rows (outputs in {str(model_dtype).removeprefix('torch.')}){hint}"
         )
 
 
