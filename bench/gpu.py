@@ -1,14 +1,18 @@
 """GPU bench: the full-size SAM 3 architecture (``Sam3Config()`` defaults, random weights) at 1008x1008.
 
-    python -m bench.gpu                                   # any CUDA machine: bf16, fp16, fp32 x batch 1..32
+    python -m bench.gpu                                   # any CUDA machine: every dtype x batch 1..32
     python -m bench.gpu --dtypes bfloat16 --batch-sizes 8,16 --compile
     python -m bench.gpu --device cpu --smoke              # a small config on the CPU: proves the script runs
+    bench/gpu_session.sh                                  # the whole first GPU session, in one command
 
 Random weights cost the same compute as the real ones (same shapes, same kernels), so images/s and memory
-are what ``facebook/sam3`` gives; only the masks are meaningless. Prints, measured in one run:
+are what ``facebook/sam3`` gives; only the masks are meaningless. Their scores all fall near 0.2-0.3, so
+end to end runs at score threshold 0 by default: every query is kept, upsampled and encoded, which is
+the mask work of a crowded real image; instances per image are printed to show it. Prints, in one run:
   - the bare forward on pre-decoded, pre-resized tensors (``Sam3Runtime.bare_forward``, host-to-device
     copy included): images/s, ms/image and peak GPU memory (``torch.cuda.max_memory_allocated``) by
     dtype and batch size, and the batch size ``Sam3Runtime.suggest_batch_size`` picks from free memory;
+  - each dtype's detections against float32's (scores, presence, boxes, mask pixels) on the same photos;
   - end-to-end efficiency: the product's ``process_chunk`` on JPEG photos in a local folder (read, decode,
     resize in threads; batched model; RLE + metadata JSON written in threads), one chunk at a time and two
     chunks at once (as ``--pool threads --concurrency 2``), divided by the bare forward at the same dtype
@@ -37,8 +41,10 @@ from bench.common import batches, machine_line, parse_size, photo, table
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.compile_toolchain import require_compile_toolchain
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime, resolve_dtype
+from sam3_batch.worker.precision import keep_heads_in_float32, resolve_precision
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
 from sam3_batch.worker.tiny_model import build_checkpoint, build_tokenizer
 
 PROMPT = "object"
@@ -61,6 +67,7 @@ class Config:
     io_workers: int
     io_mode: str
     threshold: float
+    min_seconds: float
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,8 @@ def _arguments(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--smoke", action="store_true", help="a small config (hidden 32, 224 px): runs anywhere")
-    parser.add_argument("--dtypes", default=None, help="default: bfloat16,float16,float32 (float32 with --smoke)")
+    parser.add_argument("--dtypes", default=None,
+                        help="default: bfloat16,autocast-bf16,float16,float32 (float32 with --smoke)")
     parser.add_argument("--batch-sizes", default=None, help="default: 1,2,4,8,16,32 (1,2,4 with --smoke)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision encoder")
     parser.add_argument("--e2e-images", type=int, default=None, help="default 128 (8 with --smoke)")
@@ -86,16 +94,19 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--io-workers", type=int, default=6, help="loaders, and as many writers")
     parser.add_argument("--io-mode", default="processes", choices=("processes", "threads"),
                         help="where loaders and writers run")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score threshold for end to end")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="score threshold for end to end (0: every query kept, as in a crowded image)")
+    parser.add_argument("--min-seconds", type=float, default=MIN_TIMED_S, help="least time per measured point")
     args = parser.parse_args(argv)
-    dtypes = tuple((args.dtypes or ("float32" if args.smoke else "bfloat16,float16,float32")).split(","))
+    default_dtypes = "float32" if args.smoke else "bfloat16,autocast-bf16,float16,float32"
+    dtypes = tuple((args.dtypes or default_dtypes).split(","))
     sizes = args.batch_sizes or ("1,2,4" if args.smoke else "1,2,4,8,16,32")
     return Config(
         device=args.device, smoke=args.smoke, dtypes=dtypes, batch_sizes=tuple(int(b) for b in sizes.split(",")),
         compile=args.compile, e2e_images=args.e2e_images or (8 if args.smoke else 128),
         e2e_dtype=args.e2e_dtype or dtypes[0], e2e_batch=args.e2e_batch, chunk_size=args.chunk_size,
         photo_wh=parse_size(args.photo_size), io_workers=args.io_workers, io_mode=args.io_mode,
-        threshold=args.threshold,
+        threshold=args.threshold, min_seconds=args.min_seconds,
     )
 
 
@@ -122,15 +133,21 @@ class Models:
                 sam3_config, attn_implementation="sdpa", dtype=torch.float32
             )
         self.network.eval()
+        # Float32 master weights on the host: each dtype starts from them, never from another dtype's roundings.
+        self.master = {name: value.detach().cpu().clone() for name, value in self.network.state_dict().items()}
+        keep_heads_in_float32(self.network)  # as Sam3Runtime.load does: inert outside autocast
         if compile:
+            require_compile_toolchain(self.device.type)
             self.network.vision_encoder.compile()
         self.parameters = sum(p.numel() for p in self.network.parameters())
 
     def runtime(self, dtype_name: str) -> Sam3Runtime:
-        dtype = resolve_dtype(dtype_name, self.device)
-        self.network.to(dtype)
+        precision = resolve_precision(dtype_name, self.device)
+        self.network.to(torch.float32)
+        self.network.load_state_dict(self.master)
+        self.network.to(precision.weights)
         return Sam3Runtime(self.network, self.processor, model_id="random-sam3", revision=None,
-                           device=self.device, dtype=dtype)
+                           device=self.device, dtype=precision.weights, precision=precision)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -151,16 +168,16 @@ def _peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if _cuda(device) else None
 
 
-def bare_point(runtime: Sam3Runtime, images: list[PreparedImage], batch: int) -> Point:
+def bare_point(runtime: Sam3Runtime, images: list[PreparedImage], batch: int, min_seconds: float) -> Point:
     """Images/s of the bare forward at this batch size (2 warm-up batches), and its peak memory."""
-    dtype_name = str(runtime.dtype).removeprefix("torch.")
+    dtype_name = runtime.precision.name
     rows = [images[i % len(images)] for i in range(batch)]
     _reset_peak(runtime.device)
     try:
         for _ in range(2):
             runtime.bare_forward(rows, PROMPT)
         iterations, start = 0, time.perf_counter()
-        while iterations < MIN_ITERATIONS or time.perf_counter() - start < MIN_TIMED_S:
+        while iterations < MIN_ITERATIONS or time.perf_counter() - start < min_seconds:
             runtime.bare_forward(rows, PROMPT)
             iterations += 1
         elapsed = time.perf_counter() - start
@@ -170,16 +187,42 @@ def bare_point(runtime: Sam3Runtime, images: list[PreparedImage], batch: int) ->
     return Point(dtype_name, batch, batch * iterations / elapsed, _peak_mib(runtime.device))
 
 
-def segment_images_per_s(runtime: Sam3Runtime, images: list[PreparedImage], batch: int, threshold: float) -> float:
+def segment_images_per_s(runtime: Sam3Runtime, images: list[PreparedImage], batch: int, config: Config) -> float:
     """The model plus post-processing to full-size host bool masks, at this batch size."""
     rows = [images[i % len(images)] for i in range(batch)]
-    thresholds = Thresholds(score=threshold)
+    thresholds = Thresholds(score=config.threshold)
     runtime.segment(rows, [[PROMPT]] * batch, thresholds)
     iterations, start = 0, time.perf_counter()
-    while iterations < MIN_ITERATIONS or time.perf_counter() - start < MIN_TIMED_S:
+    while iterations < MIN_ITERATIONS or time.perf_counter() - start < config.min_seconds:
         runtime.segment(rows, [[PROMPT]] * batch, thresholds)
         iterations += 1
     return batch * iterations / (time.perf_counter() - start)
+
+
+def precision_table(models: Models, dtypes: tuple[str, ...], photo_wh: tuple[int, int]) -> str:
+    """Each dtype's detections against float32's on the same photos (every query kept): the worst gaps."""
+    photos = [photo(photo_wh, seed) for seed in range(4)]
+    thresholds = Thresholds(score=0.0)
+    reference_runtime = models.runtime("float32")
+    reference = reference_runtime.segment([reference_runtime.prepare(p) for p in photos], [[PROMPT]] * 4, thresholds)
+    rows = []
+    for dtype_name in (d for d in dtypes if d != "float32"):
+        runtime = models.runtime(dtype_name)
+        try:
+            found = runtime.segment([runtime.prepare(p) for p in photos], [[PROMPT]] * 4, thresholds)
+        except Exception as exc:  # NaN/inf in float16, say: that is the finding
+            rows.append((dtype_name, f"failed: {type(exc).__name__}", "", "", ""))
+            continue
+        pairs = [(one, other) for [one], [other] in zip(found, reference, strict=True)]
+        score = max(float(abs(one.scores - other.scores).max()) for one, other in pairs)
+        presence = max(abs((one.presence_score or 0.0) - (other.presence_score or 0.0)) for one, other in pairs)
+        box = max(float(abs(one.boxes_xyxy - other.boxes_xyxy).max()) for one, other in pairs)
+        masks = max(float((one.masks != other.masks).mean()) for one, other in pairs)
+        rows.append((dtype_name, f"{score:.2e}", f"{presence:.2e}", f"{box:.2f}", f"{100 * masks:.3f}"))
+    return (f"precision against float32: {len(photos)} photos of {photo_wh[0]}x{photo_wh[1]}, every query kept, "
+            "random weights (trained weights round differently)\n\n"
+            + table(("dtype", "max Δ score", "max Δ presence", "max Δ box px", "mask pixels differing %"),
+                    rows))
 
 
 @dataclass(frozen=True)
@@ -189,6 +232,7 @@ class EndToEnd:
     segment: float
     one_chunk_at_a_time: float
     two_chunks_at_once: float
+    instances_per_image: float
 
 
 def _photo_folder(folder: Path, config: Config) -> list[WorkItem]:
@@ -201,21 +245,25 @@ def _photo_folder(folder: Path, config: Config) -> list[WorkItem]:
     return items
 
 
-def _run_chunks(context: ChunkContext, spec: JobSpec, chunks: list[ChunkMessage], parallel: int) -> float:
-    """Images/s of process_chunk over the chunks, ``parallel`` chunks at a time."""
+def _run_chunks(
+    context: ChunkContext, spec: JobSpec, chunks: list[ChunkMessage], parallel: int
+) -> tuple[float, float]:
+    """Images/s of process_chunk over the chunks, ``parallel`` chunks at a time, and instances per image."""
     start = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
         results = list(pool.map(lambda chunk: process_chunk(chunk, spec, context), chunks))
     elapsed = time.perf_counter() - start
-    done = sum(1 for result in results for outcome in result.outcomes if outcome.status == "done")
-    if done != sum(len(chunk.items) for chunk in chunks):
-        raise RuntimeError(f"only {done} images ended done: {[o for r in results for o in r.outcomes][:3]}")
-    return done / elapsed
+    outcomes = [outcome for result in results for outcome in result.outcomes]
+    done = [outcome for outcome in outcomes if outcome.status == "done"]
+    if len(done) != sum(len(chunk.items) for chunk in chunks):
+        raise RuntimeError(f"only {len(done)} images ended done: {outcomes[:3]}")
+    return len(done) / elapsed, sum(outcome.instances or 0 for outcome in done) / len(done)
 
 
 def end_to_end(runtime: Sam3Runtime, prepared: list[PreparedImage], config: Config, work_dir: Path) -> EndToEnd:
     """process_chunk on local JPEGs against the bare forward, at the same dtype and batch size."""
-    batch = config.e2e_batch or runtime.suggest_batch_size(prompts_per_image=1)
+    # A chunk never makes a batch bigger than itself: compare at the batch size process_chunk really runs.
+    batch = min(config.e2e_batch or runtime.suggest_batch_size(prompts_per_image=1), config.chunk_size)
     settings = Settings(device=config.device, batch_size=batch, io_workers=config.io_workers,
                         io_mode=config.io_mode)
     items = _photo_folder(work_dir / "photos", config)
@@ -226,13 +274,13 @@ def end_to_end(runtime: Sam3Runtime, prepared: list[PreparedImage], config: Conf
     context = ChunkContext.create(runtime, Storage(settings), settings)
     try:
         _run_chunks(context, spec, chunks[:1], 1)  # warm-up: thread pools, allocator, any compilation
-        sequential = _run_chunks(context, spec, chunks, 1)
-        parallel = _run_chunks(context, spec, chunks, 2)
+        sequential, instances = _run_chunks(context, spec, chunks, 1)
+        parallel, _ = _run_chunks(context, spec, chunks, 2)
     finally:
         context.close()
-    bare = bare_point(runtime, prepared, batch).images_per_s or 0.0
-    segment = segment_images_per_s(runtime, prepared, batch, config.threshold)
-    return EndToEnd(batch, bare, segment, sequential, parallel)
+    bare = bare_point(runtime, prepared, batch, config.min_seconds).images_per_s or 0.0
+    segment = segment_images_per_s(runtime, prepared, batch, config)
+    return EndToEnd(batch, bare, segment, sequential, parallel, instances)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -267,7 +315,8 @@ def e2e_table(e2e: EndToEnd, config: Config) -> str:
     ]
     return (f"end to end: {config.e2e_images} JPEGs of {config.photo_wh[0]}x{config.photo_wh[1]} on local disk, "
             f"{config.e2e_dtype}, batch {e2e.batch}, chunks of {config.chunk_size}, {config.io_workers} loaders + "
-            f"{config.io_workers} writers as {config.io_mode}\n\n"
+            f"{config.io_workers} writers as {config.io_mode}, score threshold {config.threshold}: "
+            f"{e2e.instances_per_image:.1f} instances per image\n\n"
             + table(("path", "images/s", "÷ bare"), rows))
 
 
@@ -286,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             runtime = models.runtime(dtype_name)
             prepared = [runtime.prepare(photo(config.photo_wh, seed)) for seed in range(4)]
             for batch in config.batch_sizes:
-                points.append(bare_point(runtime, prepared, batch))
+                points.append(bare_point(runtime, prepared, batch, config.min_seconds))
                 print(f"  {points[-1]}", flush=True)
                 if points[-1].images_per_s is None:
                     break
@@ -297,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n" + points_table(points))
         if e2e is not None:
             print("\n" + e2e_table(e2e, config))
+        if len(config.dtypes) > 1:
+            print("\n" + precision_table(models, config.dtypes, config.photo_wh), flush=True)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

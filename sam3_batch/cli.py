@@ -36,7 +36,7 @@ BatchSize = Annotated[int | None, typer.Option(min=0, help="Images per model bat
 ChunkSize = Annotated[int | None, typer.Option(min=1, help="Images per queue message.")]
 SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata already exists.")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")]
+Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 or autocast-bf16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
@@ -212,5 +212,6 @@ def main() -> None:
         console.print(f"[red]unknown job {exc.args[0]}")
         raise SystemExit(1) from None
     except Sam3BatchError as exc:
-        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)  # text, not markup
+        # One line however long (soft_wrap), and the message as plain text: it may quote user data.
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(1) from None

@@ -49,11 +49,12 @@ def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     require_worker_extra()  # before the imports below: one readable line, not an ImportError
     from sam3_batch.embedded import InlineDispatcher
     from sam3_batch.worker.pipeline import ChunkContext
-    from sam3_batch.worker.state import load_runtime
+    from sam3_batch.worker.state import load_runtime, warm_up_compiled
 
     storage = Storage(settings)
     source = open_source(storage, request.inputs, request.manifest)
     context = ChunkContext.create(load_runtime(settings), storage, settings)
+    warm_up_compiled(context)
     store = MemoryJobStore()
     spec = build_spec(request, settings)  # after the model load, so throughput counts the work only
     store.create(spec)

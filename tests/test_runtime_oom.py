@@ -1,32 +1,45 @@
-"""A batch that runs out of GPU memory is split in halves and retried, down to a single image."""
+"""Out of GPU memory: a batch's images are split in halves (vision encoder), its (image, prompt) rows into
+slices (detector) whose size the runtime remembers; the vision encoder still runs once per batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from sam3_batch.contracts.schemas import Thresholds
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime, _Rows
 from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, assert_same_detections, scene_image
 
 THRESHOLDS = Thresholds(score=0.05, mask=0.5)
 
 
 class MemoryCappedRuntime(Sam3Runtime):
-    """The real runtime, except that a forward over more than ``max_images`` images runs out of memory."""
+    """The real runtime, except that the vision encoder over more than ``max_images`` images, or the
+    detector over more than ``max_rows`` (image, prompt) rows, runs out of memory."""
 
     max_images = 2
+    max_rows = 1_000_000
     attempts: list[int]
+    row_attempts: list[int]
 
-    def _forward_batch(self, pixel_values: torch.Tensor, prompts: list[list[str]]) -> Sam3ImageSegmentationOutput:
+    def _vision_features(self, pixel_values: torch.Tensor) -> Sam3VisionEncoderOutput:
         self.attempts.append(pixel_values.shape[0])
         if pixel_values.shape[0] > self.max_images:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return super()._forward_batch(pixel_values, prompts)
+        return super()._vision_features(pixel_values)
+
+    def _detect_rows(
+        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds
+    ) -> list[PromptDetections]:
+        self.row_attempts.append(len(rows.prompts))
+        if len(rows.prompts) > self.max_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super()._detect_rows(vision, rows, thresholds)
 
 
-def _capped(runtime: Sam3Runtime, max_images: int) -> MemoryCappedRuntime:
+def _capped(runtime: Sam3Runtime, max_images: int, max_rows: int = 1_000_000) -> MemoryCappedRuntime:
     capped = MemoryCappedRuntime(
         runtime.model,
         runtime.processor,
@@ -35,8 +48,8 @@ def _capped(runtime: Sam3Runtime, max_images: int) -> MemoryCappedRuntime:
         device=runtime.device,
         dtype=runtime.dtype,
     )
-    capped.max_images = max_images
-    capped.attempts = []
+    capped.max_images, capped.max_rows = max_images, max_rows
+    capped.attempts, capped.row_attempts = [], []
     return capped
 
 
@@ -82,3 +95,40 @@ def test_a_batch_that_runs_out_of_memory_even_one_image_at_a_time_raises(
     with pytest.raises(torch.OutOfMemoryError):
         capped.segment(five_images[:3], [["cat"]] * 3, THRESHOLDS)
     assert capped.attempts == [3, 1]  # the first half's single image fails; nothing more is tried
+
+
+def test_a_64_prompt_job_runs_the_vision_encoder_once_per_batch_and_equals_the_unsliced_result(
+    tiny_runtime: Sam3Runtime, five_images: list[PreparedImage]
+) -> None:
+    prompts = [[f"thing number {k}" for k in range(64)]] * 2  # 128 rows for 2 images
+    expected = tiny_runtime.segment(five_images[:2], prompts, THRESHOLDS)
+    capped = _capped(tiny_runtime, max_images=8, max_rows=40)
+    encoder_calls: list[int] = []
+    hook = capped.model.vision_encoder.register_forward_hook(
+        lambda _module, args, _output: encoder_calls.append(args[0].shape[0])
+    )
+    try:
+        results = capped.segment(five_images[:2], prompts, THRESHOLDS)
+        again = capped.segment(five_images[2:4], prompts, THRESHOLDS)
+    finally:
+        hook.remove()
+
+    assert encoder_calls == [2, 2]  # once per batch, never again after a detector slice ran out of memory
+    assert capped.row_attempts[:3] == [128, 64, 32]  # halved until a slice fits ...
+    assert capped.row_limit == 32 and max(capped.row_attempts[3:]) == 32  # ... and remembered after
+    assert sum(capped.row_attempts) - 128 - 64 == 2 * 128
+    compared = 0
+    for i, per_image in enumerate(expected):
+        assert [d.prompt for d in results[i]] == prompts[i]
+        for j, found in enumerate(per_image):
+            assert_same_detections(results[i][j], found, f"image {i} prompt {j}", BATCHED_MASK_TOLERANCE)
+            compared += len(found)
+    assert compared > 0 and len(again) == 2
+
+
+def test_one_row_that_runs_out_of_memory_raises(tiny_runtime: Sam3Runtime, five_images: list[PreparedImage]) -> None:
+    capped = _capped(tiny_runtime, max_images=8, max_rows=0)
+
+    with pytest.raises(torch.OutOfMemoryError):
+        capped.segment(five_images[:1], [["cat", "dog"]], THRESHOLDS)
+    assert capped.row_attempts == [2, 1]

@@ -7,6 +7,7 @@ runner both call this one function.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
@@ -62,6 +63,9 @@ class ChunkContext:
     settings: Settings
     loaders: StagePool
     writers: StagePool
+    # One slot per image whose detections (full-size masks) wait in host RAM for their write, shared by
+    # every chunk in flight: when all are taken the model waits for the writers instead of piling up masks.
+    write_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(16))
 
     @classmethod
     def create(cls, runtime: SegmentationRuntime, storage: Storage, settings: Settings) -> ChunkContext:
@@ -74,11 +78,17 @@ class ChunkContext:
             runtime=runtime, storage=storage, settings=settings,
             loaders=StagePool("loader", settings, preparer, storage),
             writers=StagePool("writer", settings, preparer, storage),
+            write_slots=threading.Semaphore(pending_writes_limit(settings)),
         )
 
     def close(self) -> None:
         self.loaders.close()
         self.writers.close()
+
+
+def pending_writes_limit(settings: Settings) -> int:
+    """Images whose masks may wait for a writer at once: the setting, or two batches' worth."""
+    return settings.max_pending_writes or 2 * max(settings.batch_size, 1)
 
 
 def _automatic_batch_size(runtime: SegmentationRuntime) -> int:
@@ -134,10 +144,12 @@ class _PendingWrite:
     item: WorkItem
     job: ImageJob | None
     future: Future[WriteResult]
+    slot: threading.Semaphore
 
     def release_job(self, future: Future[WriteResult]) -> None:
         if not isinstance(future.exception(), BrokenProcessPool):  # kept to redo the write if its process died
             self.job = None
+        self.slot.release()
 
 
 class _ChunkRun:
@@ -214,7 +226,13 @@ class _ChunkRun:
         job = ImageJob(
             self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms
         )
-        pending = _PendingWrite(entry.item, job, self.ctx.writers.submit(write_image, job))
+        self.ctx.write_slots.acquire()  # released when the write is done (failed or lost included)
+        try:
+            future = self.ctx.writers.submit(write_image, job)
+        except BaseException:
+            self.ctx.write_slots.release()
+            raise
+        pending = _PendingWrite(entry.item, job, future, self.ctx.write_slots)
         pending.future.add_done_callback(pending.release_job)
         self.writes.append(pending)
 

@@ -12,10 +12,12 @@ from typing import Any
 import PIL.Image
 import torch
 from transformers import Sam3Model, Sam3Processor
-from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
+from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
 from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.worker.compile_toolchain import require_compile_toolchain
 from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.precision import Precision, keep_heads_in_float32, resolve_precision
 from sam3_batch.worker.sam3_adapter import (
     UPSAMPLE_PIXEL_BUDGET,
     as_text_embeds,
@@ -27,7 +29,6 @@ from sam3_batch.worker.tiny_model import resolve_model
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_CACHE_SIZE = 4096  # prompts; ~16 KB each for the full model in bf16
 
 # Automatic batch size (settings.batch_size == 0). On the CPU a bigger batch buys nothing measurable.
@@ -65,6 +66,24 @@ class _TextEmbedding:
     attention_mask: torch.Tensor  # (1, tokens)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """A batch's (image, prompt) rows in order: each row's image index, prompt and image size."""
+
+    images: list[int]
+    prompts: list[str]
+    sizes_hw: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, images: list[PreparedImage], prompts: list[list[str]]) -> _Rows:
+        pairs = [(i, p) for i, image_prompts in enumerate(prompts) for p in image_prompts]
+        return cls([i for i, _ in pairs], [p for _, p in pairs], [images[i].original_size_hw for i, _ in pairs])
+
+    def part(self, start: int, limit: int | None) -> _Rows:
+        end = len(self.prompts) if limit is None else start + limit
+        return _Rows(self.images[start:end], self.prompts[start:end], self.sizes_hw[start:end])
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` is the first GPU when there is one, else the CPU."""
     if device == "auto":
@@ -73,12 +92,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on GPU and float32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    """The weights' dtype for a ``dtype`` setting (``auto``: bfloat16 on GPU, float32 on CPU)."""
+    return resolve_precision(dtype, device).weights
+
+
+def compile_warmup_sizes(batch_size: int) -> list[int]:
+    """Batch sizes that leave torch.compile nothing to recompile for any batch of 1..``batch_size`` images.
+
+    Dynamo specialises size 1, compiles the next size it sees statically, and marks the batch dimension
+    dynamic at the third: after 1, 2 and the largest size, every size in between reuses a compiled graph.
+    """
+    return sorted({1, min(2, batch_size), batch_size})
 
 
 def batch_size_for(free_bytes: int, fixed_bytes: int, per_image_bytes: int, limit: int = AUTO_BATCH_LIMIT) -> int:
@@ -101,13 +125,15 @@ class Sam3Runtime:
         revision: str | None,
         device: torch.device,
         dtype: torch.dtype,
+        precision: Precision | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
         self.model_id = model_id
         self.revision = revision
         self.device = device
-        self.dtype = dtype
+        self.precision = precision or Precision(str(dtype).removeprefix("torch."), dtype)
+        self.dtype = self.precision.weights
         self.preparer = ImagePreparer(processor.image_processor, dtype)
         text_config: Any = model.config.text_config
         self._text_tokens = int(text_config.max_position_embeddings)
@@ -116,6 +142,8 @@ class Sam3Runtime:
         # One batch on the model at a time: chunks handled in parallel (threads pool) overlap their I/O,
         # never their activations, so the batch size planned for the free memory stays valid.
         self._model_lock = threading.Lock()
+        # Most (image, prompt) rows one detector pass may take: None until an out-of-memory error sets it.
+        self.row_limit: int | None = None
 
     @classmethod
     def load(
@@ -130,7 +158,10 @@ class Sam3Runtime:
     ) -> Sam3Runtime:
         """Load model + processor (``tiny-random`` builds the offline test checkpoint) onto the device."""
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        precision = resolve_precision(dtype, torch_device)
+        torch_dtype = precision.weights
+        if compile:
+            require_compile_toolchain(torch_device.type)
         source = resolve_model(model, cache_dir)
         hub_revision = revision or "main"
         processor = Sam3Processor.from_pretrained(source, revision=hub_revision)
@@ -139,12 +170,14 @@ class Sam3Runtime:
         )
         module: torch.nn.Module = network  # as a plain Module: transformers' to()/eval() are untyped
         module.to(torch_device).eval()
+        keep_heads_in_float32(network)  # inert unless the precision is an autocast one
         if compile:
             # The ViT is most of the compute; the heads see a varying number of rows per batch.
             network.vision_encoder.compile()
-        logger.info("loaded %s (revision %s) on %s as %s", model, revision, torch_device, torch_dtype)
+        logger.info("loaded %s (revision %s) on %s as %s", model, revision, torch_device, precision.name)
         return cls(
-            network, processor, model_id=model, revision=revision, device=torch_device, dtype=torch_dtype
+            network, processor, model_id=model, revision=revision, device=torch_device, dtype=torch_dtype,
+            precision=precision,
         )
 
     def prepare(self, image: PIL.Image.Image) -> PreparedImage:
@@ -159,12 +192,24 @@ class Sam3Runtime:
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompt lists")
         if not images:
             return []
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
             return self._segment_splitting_on_oom(images, prompts, thresholds)
+
+    def warm_up(self, batch_size: int) -> list[int]:
+        """Run every batch size torch.compile must see (blank images), so no chunk waits for a compilation.
+
+        Returns the sizes run. Call at start-up, before the worker takes work.
+        """
+        side = self._input_side()
+        blank = self.prepare(PIL.Image.new("RGB", (side, side)))
+        sizes = compile_warmup_sizes(batch_size)
+        for size in sizes:
+            self.segment([blank] * size, [["warm-up"]] * size, Thresholds(score=1.0))
+        return sizes
 
     def bare_forward(self, images: list[PreparedImage], prompt: str) -> None:
         """The model forward alone on prepared images (no post-processing): the throughput ceiling."""
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
             features, attention_mask = self._text_rows([prompt] * len(images))
             self.model(
                 pixel_values=self._stack(images),
@@ -210,7 +255,7 @@ class Sam3Runtime:
         baseline = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         # Not segment(): its OOM split would hide the very limit being measured.
-        with self._model_lock, torch.inference_mode():
+        with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
             self._segment_batch([blank] * images, [prompts] * images, Thresholds(score=0.0, mask=0.5))
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         self._release_cached_memory()
@@ -240,35 +285,53 @@ class Sam3Runtime:
     def _segment_batch(
         self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
     ) -> list[list[PromptDetections]]:
-        row_prompts = [prompt for image_prompts in prompts for prompt in image_prompts]
-        if not row_prompts:
+        """One vision pass for the batch, then the detector over slices of its (image, prompt) rows."""
+        rows = _Rows.of(images, prompts)
+        if not rows.prompts:
             return [[] for _ in images]
-        outputs = self._forward_batch(self._stack(images), prompts)
-        row_sizes = [
-            image.original_size_hw for image, plist in zip(images, prompts, strict=True) for _ in plist
-        ]
-        flat = to_detections(outputs, row_prompts, row_sizes, thresholds)
+        vision = self._vision_features(self._stack(images))
+        flat: list[PromptDetections] = []
+        while len(flat) < len(rows.prompts):
+            flat += self._detect_rows_within_limit(vision, rows.part(len(flat), self.row_limit), thresholds)
         grouped: list[list[PromptDetections]] = []
         for image_prompts in prompts:
             grouped.append(flat[: len(image_prompts)])
             flat = flat[len(image_prompts) :]
         return grouped
 
-    def _forward_batch(
-        self, pixel_values: torch.Tensor, prompts: list[list[str]]
-    ) -> Sam3ImageSegmentationOutput:
-        """One vision pass for the batch, then one detector pass over every (image, prompt) row."""
-        vision = self.model.get_vision_features(pixel_values=pixel_values)
-        # Row k of the detector batch is (image rows[k], its next prompt); built on the host, no device sync.
-        image_of_row = [index for index, image_prompts in enumerate(prompts) for _ in image_prompts]
-        rows = torch.tensor(image_of_row, dtype=torch.long).to(self.device, non_blocking=True)
-        features, attention_mask = self._text_rows([p for image_prompts in prompts for p in image_prompts])
+    def _detect_rows_within_limit(
+        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds
+    ) -> list[PromptDetections]:
+        """The detector over ``rows``; out of memory, it lowers (and keeps) ``row_limit`` and does fewer."""
+        try:
+            return self._detect_rows(vision, rows, thresholds)
+        except torch.OutOfMemoryError:
+            if len(rows.prompts) == 1:
+                raise
+        # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed.
+        self._release_cached_memory()
+        self.row_limit = len(rows.prompts) // 2
+        logger.warning("out of GPU memory on %d image-prompt rows: at most %d per detector pass from now on",
+                       len(rows.prompts), self.row_limit)
+        return []
+
+    def _vision_features(self, pixel_values: torch.Tensor) -> Sam3VisionEncoderOutput:
+        vision: Sam3VisionEncoderOutput = self.model.get_vision_features(pixel_values=pixel_values)
+        return vision
+
+    def _detect_rows(
+        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds
+    ) -> list[PromptDetections]:
+        """The detector and post-processing for ``rows`` (row k: image ``rows.images[k]``, its prompt)."""
+        # Built on the host: no device sync.
+        image_of_row = torch.tensor(rows.images, dtype=torch.long).to(self.device, non_blocking=True)
+        features, attention_mask = self._text_rows(rows.prompts)
         outputs: Sam3ImageSegmentationOutput = self.model(
-            vision_embeds=select_vision_rows(vision, rows),
+            vision_embeds=select_vision_rows(vision, image_of_row),
             text_embeds=as_text_embeds(features),
             attention_mask=attention_mask,
         )
-        return outputs
+        return to_detections(outputs, rows.prompts, rows.sizes_hw, thresholds)
 
     def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
         pixels = [image.pixel_values.to(self.dtype) for image in images]
@@ -307,8 +370,9 @@ class Sam3Runtime:
             return_tensors="pt",
         ).to(self.device)
         features = text_features(self.model.get_text_features(**tokens))
+        # Copies, not views: a view would keep this whole call's features alive for as long as one is cached.
         return {
-            prompt: _TextEmbedding(features[i : i + 1], tokens["attention_mask"][i : i + 1])
+            prompt: _TextEmbedding(features[i : i + 1].clone(), tokens["attention_mask"][i : i + 1].clone())
             for i, prompt in enumerate(prompts)
         }
 

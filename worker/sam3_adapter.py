@@ -17,12 +17,17 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
+from sam3_batch.contracts.errors import Sam3BatchError
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.detections import PromptDetections
 
 # Full-size float probabilities for this many pixels (x4 bytes) are upsampled at once: instances are
 # upsampled independently, so grouping them only bounds device memory and never changes a mask.
 UPSAMPLE_PIXEL_BUDGET = 64 * 1024 * 1024
+
+
+class NonFiniteOutputError(Sam3BatchError):
+    """The model gave NaN or infinite scores or boxes (float16 overflow, say): the batch fails, never 0 instances."""
 
 
 def to_detections(
@@ -48,6 +53,7 @@ def to_detections(
         scores = scores * presence[:, None]
     # Scores, boxes and the keep mask are small: one transfer for the whole batch.
     scores_host, boxes_host = scores.cpu(), boxes.float().cpu()
+    _check_finite(scores_host, boxes_host, logits.dtype)
     keep_host = scores_host > thresholds.score
     presence_host = presence.cpu().tolist() if presence is not None else [None] * rows
     detections = []
@@ -69,13 +75,27 @@ def to_detections(
 
 
 def select_vision_rows(vision: Sam3VisionEncoderOutput, rows: torch.Tensor) -> Sam3VisionEncoderOutput:
-    """Vision features with row k taken from image ``rows[k]``, so one encoder pass serves many prompts."""
+    """Vision features with row k taken from image ``rows[k]``, so one encoder pass serves many prompts.
+
+    Only what ``Sam3Model.forward`` reads is copied: every feature level but the last (the detector and
+    the mask decoder read ``fpn_hidden_states[:-1]``). The last level keeps its shape as a view that
+    copies nothing, and so do the position encodings, which depend on the level's shape alone (the same
+    for every image): each is the first image's, expanded.
+    """
     hidden = _required_levels(vision.fpn_hidden_states, "fpn_hidden_states")
     positions = _required_levels(vision.fpn_position_encoding, "fpn_position_encoding")
+    count = rows.shape[0]
     return Sam3VisionEncoderOutput(
-        fpn_hidden_states=tuple(level.index_select(0, rows) for level in hidden),
-        fpn_position_encoding=tuple(level.index_select(0, rows) for level in positions),
+        fpn_hidden_states=(
+            *(level.index_select(0, rows) for level in hidden[:-1]),
+            *(_expanded_first(level, count) for level in hidden[-1:]),
+        ),
+        fpn_position_encoding=tuple(_expanded_first(level, count) for level in positions),
     )
+
+
+def _expanded_first(level: torch.Tensor, count: int) -> torch.Tensor:
+    return level[:1].expand(count, *level.shape[1:])
 
 
 def text_features(text_output: BaseModelOutputWithPooling) -> torch.Tensor:
@@ -98,6 +118,16 @@ def _required(tensor: torch.Tensor | None, name: str) -> torch.Tensor:
     if tensor is None:
         raise ValueError(f"SAM 3 output has no {name}")
     return tensor
+
+
+def _check_finite(scores: torch.Tensor, boxes: torch.Tensor, model_dtype: torch.dtype) -> None:
+    bad_rows = ~(torch.isfinite(scores).all(dim=1) & torch.isfinite(boxes).flatten(1).all(dim=1))
+    if bad_rows.any():
+        hint = ": float16 overflows, use bfloat16 or autocast-bf16" if model_dtype == torch.float16 else ""
+        raise NonFiniteOutputError(
+            f"the model gave NaN/inf scores or boxes for {int(bad_rows.sum())} of {scores.shape[0]} "
+            f"image-prompt rows (outputs in {str(model_dtype).removeprefix('torch.')}){hint}"
+        )
 
 
 def _presence_scores(presence_logits: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,7 +23,9 @@ def load_runtime(settings: Settings) -> SegmentationRuntime:
 
     from sam3_batch.worker.device_check import check_device
     from sam3_batch.worker.runtime import Sam3Runtime
+    from sam3_batch.worker.torch_env import prepare_torch
 
+    prepare_torch(settings)  # allocator and thread settings before anything touches CUDA
     check_device(settings)  # before the load: a worker that must not run on the CPU stops at once
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # progress bars are log noise
     start = time.perf_counter()
@@ -34,6 +36,16 @@ def load_runtime(settings: Settings) -> SegmentationRuntime:
     metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - start)
     log.info("model %s loaded in %.1fs", settings.model, time.perf_counter() - start)
     return runtime
+
+
+def warm_up_compiled(context: ChunkContext) -> None:
+    """With compile on, run every batch size once now, before the worker takes work (no compile mid-chunk)."""
+    warm_up = getattr(context.runtime, "warm_up", None)
+    if not context.settings.compile or not callable(warm_up):
+        return
+    start = time.perf_counter()
+    sizes = warm_up(context.settings.batch_size)
+    log.info("torch.compile warm-up of batch sizes %s took %.1fs", sizes, time.perf_counter() - start)
 
 
 @dataclass
@@ -66,7 +78,9 @@ def init_worker_state(settings: Settings, runtime: SegmentationRuntime | None = 
             storage = Storage(settings)
             store = RedisJobStore(settings.state_redis_url())
             runtime = runtime or load_runtime(settings)
-            _state = WorkerState(settings, store, ChunkContext.create(runtime, storage, settings))
+            context = ChunkContext.create(runtime, storage, settings)
+            warm_up_compiled(context)
+            _state = WorkerState(settings, store, context)
         return _state
 
 

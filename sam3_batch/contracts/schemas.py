@@ -48,7 +48,7 @@ class JobSpec(_Strict):
     output_root: str
     model_id: str = "facebook/sam3"
     model_revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "autocast-bf16"] = "auto"
     created_at: float = 0.0
     inputs: list[str] = Field(default_factory=list)  # an S3 prefix / folder, or http(s) URLs
     manifest: str | None = None

@@ -48,9 +48,14 @@ class Settings(BaseSettings):
     model_revision: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     require_gpu: bool = False  # refuse to start when no GPU is usable (set in the worker images' deployments)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # autocast-bf16: float32 weights, bfloat16 compute, boxes and scores in float32 (README, "Running on GPUs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "autocast-bf16"] = "auto"
     batch_size: int = Field(8, ge=0)  # images per model batch; 0: automatic (from free GPU memory)
-    compile: bool = False
+    compile: bool = False  # refused at start-up where torch.compile cannot build kernels (no C compiler)
+    compile_cache_dir: str | None = None  # inductor + Triton caches; default: under HF_HOME (the model volume)
+    torch_threads: int = Field(0, ge=0)  # CPU threads of the model's process; 0: 4 on GPU, torch's default on CPU
+    # Images whose full-size masks may wait in host RAM for a writer, per worker; 0: two batches' worth.
+    max_pending_writes: int = Field(0, ge=0)
     # Download/decode/resize and encode/upload run beside the model in this many workers per stage:
     # processes by default (no GIL shared with the model), or threads of the worker process.
     io_mode: Literal["processes", "threads"] = "processes"
