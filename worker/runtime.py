@@ -23,7 +23,8 @@ from sam3_batch.worker.sam3_adapter import (
     text_features,
     to_detections,
 )
-from sam3_batch.worker.tiny_model import resolve_model
+from sam3_batch.worker.tiny_model import resolve_model, resolve_tracker
+from sam3_batch.worker.visual_runtime import VisualRequest, VisualResult, VisualSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Sam3Runtime:
         revision: str | None,
         device: torch.device,
         dtype: torch.dtype,
+        tracker_source: str | Path | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -116,6 +118,9 @@ class Sam3Runtime:
         # One batch on the model at a time: chunks handled in parallel (threads pool) overlap their I/O,
         # never their activations, so the batch size planned for the free memory stays valid.
         self._model_lock = threading.Lock()
+        self.visual = VisualSegmenter(
+            model, self._text_rows, tracker_source, revision=revision, device=device, dtype=dtype
+        )
 
     @classmethod
     def load(
@@ -144,7 +149,8 @@ class Sam3Runtime:
             network.vision_encoder.compile()
         logger.info("loaded %s (revision %s) on %s as %s", model, revision, torch_device, torch_dtype)
         return cls(
-            network, processor, model_id=model, revision=revision, device=torch_device, dtype=torch_dtype
+            network, processor, model_id=model, revision=revision, device=torch_device, dtype=torch_dtype,
+            tracker_source=resolve_tracker(model, cache_dir),
         )
 
     def prepare(self, image: PIL.Image.Image) -> PreparedImage:
@@ -161,6 +167,18 @@ class Sam3Runtime:
             return []
         with self._model_lock, torch.inference_mode():
             return self._segment_splitting_on_oom(images, prompts, thresholds)
+
+    def segment_visual(
+        self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds
+    ) -> list[VisualResult]:
+        """Segment each image with its text, exemplar and object prompts: one vision pass for all of them."""
+        if len(images) != len(requests):
+            raise ValueError(f"got {len(images)} images but {len(requests)} prompt requests")
+        if not images:
+            return []
+        sizes_hw = [image.original_size_hw for image in images]
+        with self._model_lock, torch.inference_mode():
+            return self.visual.segment(self._stack(images), requests, sizes_hw, thresholds)
 
     def bare_forward(self, images: list[PreparedImage], prompt: str) -> None:
         """The model forward alone on prepared images (no post-processing): the throughput ceiling."""

@@ -131,3 +131,19 @@ def _upsample_and_threshold(
     probabilities = mask_logits.float().sigmoid()
     upsampled = F.interpolate(probabilities[None], size=size_hw, mode="bilinear", align_corners=False)[0]
     return upsampled > threshold
+
+
+def exemplar_inputs(
+    boxes: Sequence[Sequence[tuple[float, float, float, float]]],
+    labels: Sequence[Sequence[int]],
+    sizes_hw: Sequence[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_boxes`` (R, K, 4) and ``input_boxes_labels`` (R, K) for rows of K exemplar boxes each.
+
+    Pixel xyxy boxes become (cx, cy, w, h) relative to each row's image, as ``Sam3Processor`` makes them.
+    """
+    corners = torch.tensor([[list(box) for box in row] for row in boxes], dtype=torch.float32)  # (R, K, 4)
+    scale = torch.tensor([[w, h, w, h] for h, w in sizes_hw], dtype=torch.float32)
+    x0, y0, x1, y1 = (corners / scale[:, None, :]).unbind(-1)
+    relative_cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    return relative_cxcywh, torch.tensor([list(row) for row in labels], dtype=torch.long)
