@@ -24,7 +24,8 @@ from sam3_batch.worker.sam3_adapter import (
     to_detections,
 )
 from sam3_batch.worker.tiny_model import resolve_model, resolve_tracker
-from sam3_batch.worker.visual_runtime import VisualRequest, VisualResult, VisualSegmenter
+from sam3_batch.worker.visual_prompts import VisualRequest, VisualResult
+from sam3_batch.worker.visual_runtime import VisualSegmenter
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
@@ -119,7 +119,8 @@ def _build_tracker(
 
 def _tracker_config(shape: _Shape, detector_config: Sam3Config) -> Sam3TrackerConfig:
     patches = shape.image_size // PATCH_SIZE
-    vision = detector_config.vision_config.to_dict()
+    vision_config: Any = detector_config.vision_config
+    vision = vision_config.to_dict()
     # The tracker's own FPN neck: three levels (4x, 2x, 1x the patch grid), as its mask decoder needs.
     vision["scale_factors"] = [4.0, 2.0, 1.0]
     vision["backbone_feature_sizes"] = [[4 * patches] * 2, [2 * patches] * 2, [patches] * 2]

@@ -32,26 +32,11 @@ from sam3_batch.worker.tracker_adapter import (
     share_vision_backbone,
     to_object_detections,
 )
+from sam3_batch.worker.visual_prompts import VisualRequest, VisualResult
 
 logger = logging.getLogger(__name__)
 
 VISUAL_ONLY_TEXT = "visual"  # the text Sam3Processor gives a prompt of exemplar boxes alone
-
-
-@dataclass(frozen=True)
-class VisualRequest:
-    """One image's prompts: text and concept prompts (in order), and object prompts."""
-
-    prompts: list[PromptSpec]
-    objects: list[ObjectPrompt]
-
-
-@dataclass(frozen=True)
-class VisualResult:
-    """One image's results: one ``PromptDetections`` per prompt, and one (a single mask) per object."""
-
-    concepts: list[PromptDetections]
-    objects: list[PromptDetections]
 
 
 @dataclass(frozen=True)
@@ -143,7 +128,8 @@ class VisualSegmenter:
                 groups[len(obj.points or []), obj.box is not None].append((_Row(i, k, sizes_hw[i]), obj))
         found: dict[tuple[int, int], PromptDetections] = {}
         for rows in groups.values():
-            for (row, _), detections in zip(rows, self._object_group(tracker, embeddings, rows, thresholds), strict=True):
+            masks = self._object_group(tracker, embeddings, rows, thresholds)
+            for (row, _), detections in zip(rows, masks, strict=True):
                 found[row.image, row.slot] = detections
         return found
 
@@ -154,11 +140,12 @@ class VisualSegmenter:
         objects = [obj for _, obj in rows]
         sizes = [row.size_hw for row, _ in rows]
         has_points, has_box = objects[0].points is not None, objects[0].box is not None
+        input_side: Any = tracker.prompt_encoder.input_image_size  # the side the processor scales to
         inputs = object_inputs(
             [o.points or [] for o in objects] if has_points else None,
             [o.labels for o in objects] if has_points else None,
             [o.box for o in objects if o.box is not None] if has_box else None,
-            sizes, tracker.prompt_encoder.input_image_size,
+            sizes, int(input_side),
         )
         outputs = tracker(
             image_embeddings=select_embedding_rows(embeddings, self._rows_tensor(rows)),

@@ -42,7 +42,7 @@ class JobSpec(_Strict):
     """Stored once in Redis under the job id; chunk messages refer to it by id."""
 
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    prompts: list[Prompt] = Field(min_length=1, max_length=64)
+    prompts: list[Prompt] = Field(max_length=64)  # may be empty only with a manifest (its lines give them)
     thresholds: Thresholds = Thresholds()
     outputs: OutputOptions = OutputOptions()
     output_root: str
@@ -63,6 +63,12 @@ class JobSpec(_Strict):
     def _check_prompts(cls, prompts: list[str]) -> list[str]:
         return _clean_prompts(prompts)
 
+    @model_validator(mode="after")
+    def _check_has_prompts(self) -> JobSpec:
+        if not self.prompts and not self.manifest:
+            raise ValueError("give at least one --prompt (or a manifest whose lines carry prompts or objects)")
+        return self
+
 
 # Visual prompts: pixel coordinates in the EXIF-upright frame of the image (the frame the outputs use).
 # Checks that need the image's size (inside the image) are made by the worker, which fails that image alone.
@@ -78,7 +84,7 @@ Label = Literal[0, 1]  # 1: positive (include), 0: negative (exclude)
 def _check_box(box: BoxXYXY) -> BoxXYXY:
     x0, y0, x1, y1 = box
     if not (x0 < x1 and y0 < y1):
-        raise ValueError(f"a box is [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {list(box)}")
+        raise ValueError(f"a box is (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {list(box)}")
     return box
 
 
