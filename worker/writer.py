@@ -82,12 +82,13 @@ def _annotations(job: ImageJob, layout: OutputLayout) -> list[Annotation]:
                     bbox=box_xyxy_to_xywh(box), area=rle_area(rle), segmentation=rle, mask_png=png_key,
                 )
             )
-    return annotations + _object_annotations(job, first_id=len(annotations))
+    return annotations + _object_annotations(job, layout, first_id=len(annotations))
 
 
-def _object_annotations(job: ImageJob, first_id: int) -> list[Annotation]:
+def _object_annotations(job: ImageJob, layout: OutputLayout, first_id: int) -> list[Annotation]:
     annotations: list[Annotation] = []
     for object_index, found in enumerate(job.object_detections):
+        png_key = layout.object_png_uri(object_index) if job.spec.outputs.png_masks else None
         for instance_index, rle in enumerate(encode_rle_batch(found.masks)):
             x0, y0, x1, y1 = (float(v) for v in found.boxes_xyxy[instance_index])
             annotations.append(
@@ -95,7 +96,7 @@ def _object_annotations(job: ImageJob, first_id: int) -> list[Annotation]:
                     id=first_id + len(annotations), prompt=found.prompt, prompt_index=None,
                     object_index=object_index, score=float(found.scores[instance_index]),
                     box_xyxy=(x0, y0, x1, y1), bbox=box_xyxy_to_xywh((x0, y0, x1, y1)), area=rle_area(rle),
-                    segmentation=rle,
+                    segmentation=rle, mask_png=png_key,
                 )
             )
     return annotations
@@ -122,6 +123,9 @@ def _write_png_masks(job: ImageJob, layout: OutputLayout, storage: Storage) -> N
         for instance_index in range(len(found)):
             data = encode_png_mask(found.masks[instance_index])
             storage.write_bytes(layout.mask_png_uri(prompt_index, instance_index), data, "image/png")
+    for object_index, found in enumerate(job.object_detections):
+        for mask in found.masks:  # one per object
+            storage.write_bytes(layout.object_png_uri(object_index), encode_png_mask(mask), "image/png")
 
 
 def _write_masked_image(job: ImageJob, layout: OutputLayout, storage: Storage) -> str:
