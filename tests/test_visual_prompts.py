@@ -121,3 +121,7 @@ def test_tiny_random_includes_a_tracker_beside_the_detector(tmp_path: Path) -> N
     assert isinstance(tracker, Path) and tracker.name == TRACKER_SUBDIR
     assert (tracker / "config.json").is_file() and (tracker / "model.safetensors").is_file()
     assert resolve_tracker("facebook/sam3", tmp_path) == "facebook/sam3", "hub checkpoints hold both models"
+    detector_only = tmp_path / "detector-only"
+    detector_only.mkdir()
+    (detector_only / "config.json").write_text('{"model_type": "sam3"}')
+    assert resolve_tracker(str(detector_only), tmp_path) is None, "never a tracker built from a detector config"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ _LAYOUT_VERSION = 2  # 2: with the tracker (object prompts) in TRACKER_SUBDIR
 # holds both in one checkpoint (the tracker's ViT is the detector's: transformers renames
 # ``detector_model.vision_encoder.backbone.`` to the tracker's ``vision_encoder.backbone.`` on load).
 TRACKER_SUBDIR = "tracker"
+_TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker", "sam3_tracker_video")
 
 PATCH_SIZE = 14
 TEXT_MAX_TOKENS = 32  # Sam3Processor pads every prompt to 32 tokens
@@ -48,14 +50,21 @@ _COMMON_WORDS = (
 )  # fmt: skip
 
 
-def resolve_tracker(model: str, cache_dir: Path | None = None, seed: int = 0) -> Path | str:
-    """Where the tracker (object prompts) loads from: a local checkpoint's tracker subfolder, else the same id."""
+def resolve_tracker(model: str, cache_dir: Path | None = None, seed: int = 0) -> Path | str | None:
+    """Where the tracker (object prompts) loads from, or None when the checkpoint has none.
+
+    A hub id is the combined checkpoint (``facebook/sam3`` holds detector and tracker); a local folder holds
+    the tracker in ``TRACKER_SUBDIR`` (as ``tiny-random`` does) or is itself a combined or tracker checkpoint.
+    """
     source = resolve_model(model, cache_dir, seed)
-    if isinstance(source, Path) or Path(source).is_dir():
-        subfolder = Path(source) / TRACKER_SUBDIR
-        if (subfolder / "config.json").is_file():
-            return subfolder
-    return source
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    if (folder / TRACKER_SUBDIR / "config.json").is_file():
+        return folder / TRACKER_SUBDIR
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return folder if model_type in _TRACKER_MODEL_TYPES else None
 
 
 def resolve_model(model: str, cache_dir: Path | None = None, seed: int = 0) -> Path | str:

@@ -20,6 +20,7 @@ import torch
 from transformers import Sam3Model, Sam3TrackerModel
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
+from sam3_batch.contracts.errors import ItemError
 from sam3_batch.contracts.schemas import ConceptPrompt, ObjectPrompt, PromptSpec, Thresholds, prompt_name
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.sam3_adapter import as_text_embeds, exemplar_inputs, select_vision_rows, to_detections
@@ -162,22 +163,28 @@ class VisualSegmenter:
     def tracker(self) -> Sam3TrackerModel:
         """The tracker, loaded on first use (jobs without object prompts never pay for it)."""
         if self._tracker is None:
-            self._tracker = self._load_tracker()
+            self._load_tracker()
+        assert self._tracker is not None  # set by use_tracker
         return self._tracker
 
-    def _load_tracker(self) -> Sam3TrackerModel:
-        if self.tracker_source is None:
-            raise ValueError("this model has no tracker for object prompts")
-        tracker = Sam3TrackerModel.from_pretrained(
-            self.tracker_source, revision=self.revision or "main", dtype=self.dtype, attn_implementation="sdpa"
-        )
-        module: torch.nn.Module = tracker
-        module.to(self.device).eval()
+    def use_tracker(self, tracker: Sam3TrackerModel) -> None:
+        """Adopt a tracker (on any device): it shares the detector's ViT when it holds the same weights."""
         self.shares_vision = same_vision_backbone(self.model, tracker)
         if self.shares_vision:
             share_vision_backbone(self.model, tracker)
-        logger.info("loaded the tracker from %s; vision pass shared with the detector: %s",
-                    self.tracker_source, self.shares_vision)
+        module: torch.nn.Module = tracker
+        module.to(self.device, self.dtype).eval()
+        self._tracker = tracker
+        logger.info("tracker ready; vision pass shared with the detector: %s", self.shares_vision)
+
+    def _load_tracker(self) -> Sam3TrackerModel:
+        if self.tracker_source is None:
+            raise ItemError("this model has no tracker for object prompts (points/box objects)")
+        tracker = Sam3TrackerModel.from_pretrained(
+            self.tracker_source, revision=self.revision or "main", dtype=self.dtype, attn_implementation="sdpa"
+        )
+        self.use_tracker(tracker)
+        logger.info("loaded the tracker from %s", self.tracker_source)
         return tracker
 
 
