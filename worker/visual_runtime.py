@@ -3,8 +3,9 @@
 One vision pass per batch serves every prompt of its images: text and exemplar prompts through
 ``Sam3Model`` with ``vision_embeds=``, object prompts through ``Sam3TrackerModel`` with
 ``image_embeddings=`` built from the same ViT output when the tracker's ViT is the detector's.
-Rows with the same prompt shape (number of exemplar boxes; number of points and box or not) go through the
-model together, unpadded, so each result is exactly what a one-prompt call gives.
+Text rows go through the detector together, rows with exemplar boxes together (boxes padded and masked as
+``Sam3Processor`` pads them); objects of the same shape (number of points; box or not) go through the
+tracker together, unpadded, since padded points would still take part in its attention.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ class VisualSegmenter:
         self, vision: Sam3VisionEncoderOutput, requests: list[VisualRequest], sizes_hw: list[tuple[int, int]],
         thresholds: Thresholds,
     ) -> dict[tuple[int, int], PromptDetections]:
-        groups: dict[int, list[tuple[_Row, PromptSpec]]] = defaultdict(list)
+        # Two groups: text alone, and prompts with exemplar boxes (padded to the most boxes, as the processor
+        # pads them; a row of padding alone is not text alone, the geometry encoder still adds its token).
+        groups: dict[bool, list[tuple[_Row, PromptSpec]]] = defaultdict(list)
         for i, request in enumerate(requests):
             for j, prompt in enumerate(request.prompts):
-                boxes = len(prompt.boxes) if isinstance(prompt, ConceptPrompt) else 0
-                groups[boxes].append((_Row(i, j, sizes_hw[i]), prompt))
+                boxed = isinstance(prompt, ConceptPrompt) and bool(prompt.boxes)
+                groups[boxed].append((_Row(i, j, sizes_hw[i]), prompt))
         found: dict[tuple[int, int], PromptDetections] = {}
         for rows in groups.values():
             for (row, _), detections in zip(rows, self._concept_group(vision, rows, thresholds), strict=True):
@@ -102,7 +105,7 @@ class VisualSegmenter:
         features, attention_mask = self.text_rows(texts)
         kwargs: dict[str, Any] = {}
         concepts = [prompt for _, prompt in rows if isinstance(prompt, ConceptPrompt) and prompt.boxes]
-        if concepts:  # a group is all boxed (same count) or all text alone
+        if concepts:  # a group is all boxed or all text alone
             boxes, labels = exemplar_inputs(
                 [c.boxes for c in concepts], [c.labels for c in concepts], [row.size_hw for row, _ in rows]
             )
