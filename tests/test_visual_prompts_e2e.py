@@ -48,7 +48,7 @@ def _good_line(uri: str) -> dict[str, Any]:
     }
 
 
-BAD_LINES = {  # name -> (manifest line without uri, what the failure reason says)
+BAD_LINES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (manifest line without uri, the failure's reason)
     "point_outside": ({"objects": [{"points": [[500, 10]]}]}, "object 0 point 0 [500.0, 10.0] lies outside"),
     "box_outside": ({"prompts": [{"boxes": [[410, 0, 480, 50]]}]}, "prompt 0 box 0 [410.0, 0.0, 480.0, 50.0] lies"),
     "box_inverted": ({"prompts": [{"text": "x", "boxes": [[50, 50, 10, 80]]}]}, "x0 < x1 and y0 < y1"),
