@@ -26,7 +26,7 @@ from bench.redis_probe import PrivateRedis
 from sam3_batch.contracts.queue import make_celery
 from sam3_batch.contracts.settings import ENV_PREFIX, Settings
 from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
-from sam3_batch.worker.tiny_model import build_checkpoint
+from sam3_batch.worker.tiny_model import TRACKER_SUBDIR, build_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK_DIR = Path("/tmp/sam3-bench")
@@ -65,7 +65,7 @@ BENCH_SHAPE = ModelShape(hidden=128, layers=8, image_size=224, num_queries=8, sc
 def bench_checkpoint(work_dir: Path, shape: ModelShape = BENCH_SHAPE) -> Path:
     """The bench checkpoint for ``shape`` under ``work_dir`` (built once, then reused)."""
     target = work_dir / "checkpoints" / shape.name
-    if not (target / "config.json").is_file():
+    if not (target / TRACKER_SUBDIR / "config.json").is_file():  # older builds had no tracker
         build_checkpoint(target, hidden=shape.hidden, layers=shape.layers, image_size=shape.image_size,
                          num_queries=shape.num_queries, scale_factors=shape.scale_factors)
     return target

@@ -74,7 +74,9 @@ def _work_item(entry: SourceItem) -> WorkItem | SourceProblem:
         return SourceProblem(redact(entry.uri), "credentials in URLs are not supported: give the worker "
                              "access to the source instead", entry.position)
     try:
-        return WorkItem(uri=entry.uri, out_key=entry.out_key, prompts=entry.prompts)
+        return WorkItem.model_validate(
+            {"uri": entry.uri, "out_key": entry.out_key, "prompts": entry.prompts, "objects": entry.objects}
+        )
     except ValidationError as exc:
         reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return SourceProblem(entry.uri, f"invalid item: {reasons}", entry.position)

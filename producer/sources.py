@@ -27,7 +27,8 @@ class SourceItem:
     uri: str
     out_key: str
     position: str
-    prompts: list[str] | None = None
+    prompts: list[str | dict[str, object]] | None = None  # text, or concept objects (checked by WorkItem)
+    objects: list[dict[str, object]] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,32 @@ class PrefixSource:
             yield SourceItem(uri=obj.uri, out_key=out_key, position=obj.relative_key)
 
 
-def _prompts_field(value: object) -> list[str] | None:
+def _json_cell(value: object) -> object:
+    """A CSV cell holding a JSON list (visual prompts) is parsed; anything else is returned as is."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        return json.loads(value)
+    return value
+
+
+def _prompts_field(value: object) -> list[str | dict[str, object]] | None:
+    value = _json_cell(value)
     if value is None or value == "":
         return None
     if isinstance(value, str):
         return [p for p in (s.strip() for s in value.split("|")) if p]
-    if isinstance(value, list) and all(isinstance(p, str) for p in value):
+    if isinstance(value, list) and all(isinstance(p, (str, dict)) for p in value):
         return list(value)
-    raise ItemError(f"'prompts' must be a list of strings or a '|'-separated string, got {value!r}")
+    raise ItemError(f"'prompts' must be a list of strings and prompt objects or a '|'-separated string, "
+                    f"got {value!r}")
+
+
+def _objects_field(value: object) -> list[dict[str, object]] | None:
+    value = _json_cell(value)
+    if value is None or value == "":
+        return None
+    if isinstance(value, list) and all(isinstance(o, dict) for o in value):
+        return list(value)
+    raise ItemError(f"'objects' must be a list of objects with 'points' and/or 'box', got {value!r}")
 
 
 def _item_from_record(record: object, position: str) -> SourceItem:
@@ -90,11 +109,14 @@ def _item_from_record(record: object, position: str) -> SourceItem:
     if not isinstance(uri, str) or not uri.strip():
         raise ItemError("missing or empty 'uri'")
     return SourceItem(uri=uri.strip(), out_key=key_from_uri(uri.strip()), position=position,
-                      prompts=_prompts_field(record.get("prompts")))
+                      prompts=_prompts_field(record.get("prompts")), objects=_objects_field(record.get("objects")))
 
 
 class ManifestSource:
-    """A JSONL (``{"uri": ..., "prompts": [...]}`` per line) or CSV (``uri``, ``prompts`` columns) manifest."""
+    """A JSONL (``{"uri": ..., "prompts": [...], "objects": [...]}`` per line) or CSV manifest.
+
+    CSV columns: ``uri``, optional ``prompts`` (``a|b``, or a JSON list) and ``objects`` (a JSON list).
+    """
 
     def __init__(self, storage: Storage, manifest_uri: str) -> None:
         self.storage, self.manifest_uri = storage, manifest_uri

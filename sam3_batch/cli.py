@@ -24,7 +24,7 @@ out = Console()
 Prompts = Annotated[list[str], typer.Option("--prompt", "-p", help="Text prompt; repeat for several.")]
 Inputs = Annotated[list[str] | None, typer.Argument(help="S3 prefix, folder, or http(s) image URLs.")]
 Out = Annotated[str, typer.Option("--out", "-o", help="Output root: s3://bucket/prefix/ or a folder.")]
-Manifest = Annotated[str | None, typer.Option(help="JSONL/CSV manifest with 'uri' and optional 'prompts'.")]
+Manifest = Annotated[str | None, typer.Option(help="JSONL/CSV manifest: 'uri', optional 'prompts' and 'objects'.")]
 Model = Annotated[str | None, typer.Option(help="Hub id, local dir, or 'tiny-random' (meaningless masks).")]
 Revision = Annotated[str | None, typer.Option(help="Pin the model revision (commit/tag).")]
 Threshold = Annotated[float, typer.Option(min=0.0, max=1.0, help="Minimum instance score.")]
@@ -70,6 +70,8 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
         chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, device: Device = None,
         dtype: Dtype = None) -> None:
     """Segment a folder (or any source) in this process: no Redis, no S3 needed."""
+    if not (prompt or manifest):
+        raise typer.BadParameter("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
     settings = _settings(model=model, model_revision=revision, batch_size=batch_size, chunk_size=chunk_size,
                          device=device, dtype=dtype)
     if settings.model == "tiny-random":
@@ -97,8 +99,8 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            as_json: JsonOut = False) -> None:
     """Enqueue a job for GPU workers and print its id."""
     settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision)
-    if not resume and (not out_root or not prompt):
-        raise typer.BadParameter("--out and at least one --prompt are required (or --resume JOB_ID)")
+    if not resume and (not out_root or not (prompt or manifest)):
+        raise typer.BadParameter("--out and at least one --prompt (or a --manifest) are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing)
     summary = jobs.submit(request, settings, resume_job=resume)

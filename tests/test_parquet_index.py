@@ -51,7 +51,8 @@ def expected_rows(metadata: Iterable[ImageMetadata]) -> dict[tuple[str, int], Ro
             rows[(doc.image.uri, index)] = {
                 "job_id": doc.job_id, "chunk_id": doc.chunk_id, "uri": doc.image.uri,
                 "width": doc.image.width, "height": doc.image.height, "prompt": summary.text,
-                "prompt_index": index, "presence_score": summary.presence_score,
+                "prompt_index": index, "object_index": None, "prompt_geometry": None,
+                "presence_score": summary.presence_score,
                 "instance_count": summary.instance_count, "scores": [a.score for a in instances],
                 "boxes_xyxy": [list(a.box_xyxy) for a in instances], "areas": [a.area for a in instances],
                 "masks": [{"size": list(a.segmentation.size), "counts": a.segmentation.counts} for a in instances],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from PIL import Image
 
 from sam3_batch.contracts.errors import is_transient, reason_of
 from sam3_batch.contracts.keys import OutputLayout
-from sam3_batch.contracts.schemas import ImageMetadata, JobSpec, WorkItem
+from sam3_batch.contracts.schemas import ImageMetadata, JobSpec, ObjectPrompt, PromptSpec, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import decode_image
@@ -59,8 +59,9 @@ class LoadedImage:
     prepared: Any
     size_wh: tuple[int, int]
     rgb: torch.Tensor | None  # (H, W, 3) uint8, only when the job writes masked images
-    prompts: list[str]
+    prompts: list[PromptSpec]
     timings_ms: dict[str, float]
+    objects: list[ObjectPrompt] = field(default_factory=list)  # set by the pipeline, fitted to the image
 
 
 @dataclass(frozen=True)

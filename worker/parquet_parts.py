@@ -7,6 +7,7 @@ One row per (image, prompt), instances as parallel list columns and masks as COC
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("prompt", pa.string(), nullable=False),
-        pa.field("prompt_index", pa.int32(), nullable=False),
+        pa.field("prompt_index", pa.int32()),  # null on an object prompt's row
+        pa.field("object_index", pa.int32()),  # set on an object prompt's row (points and/or box)
+        pa.field("prompt_geometry", pa.string()),  # JSON: exemplar boxes, or an object's points/box
         pa.field("presence_score", pa.float64()),
         pa.field("instance_count", pa.int32(), nullable=False),
         pa.field("scores", pa.list_(pa.float64()), nullable=False),
@@ -71,11 +74,26 @@ def part_uri(output_root: str, job_id: str, chunk_id: str) -> str:
 
 def _prompt_row(metadata: ImageMetadata, prompt_index: int, instances: list[Annotation]) -> dict[str, Any]:
     summary = metadata.prompts[prompt_index]
+    geometry = {"boxes": summary.boxes, "box_labels": summary.box_labels} if summary.boxes else None
+    return _row(metadata, summary.text, summary.presence_score, instances) | {
+        "prompt_index": prompt_index, "prompt_geometry": json.dumps(geometry) if geometry else None,
+    }
+
+
+def _object_row(metadata: ImageMetadata, object_index: int, instances: list[Annotation]) -> dict[str, Any]:
+    summary = metadata.objects[object_index]
+    geometry = summary.model_dump(include={"points", "point_labels", "box"}, exclude_none=True)
+    name = instances[0].prompt if instances else f"object:{object_index}"
+    return _row(metadata, name, None, instances) | {
+        "object_index": object_index, "prompt_geometry": json.dumps(geometry),
+    }
+
+
+def _row(metadata: ImageMetadata, prompt: str, presence: float | None, instances: list[Annotation]) -> dict[str, Any]:
     return {
         "job_id": metadata.job_id, "chunk_id": metadata.chunk_id, "uri": metadata.image.uri,
         "width": metadata.image.width, "height": metadata.image.height,
-        "prompt": summary.text, "prompt_index": prompt_index, "presence_score": summary.presence_score,
-        "instance_count": summary.instance_count,
+        "prompt": prompt, "presence_score": presence, "instance_count": len(instances),
         "scores": [a.score for a in instances],
         "boxes_xyxy": [list(a.box_xyxy) for a in instances],
         "areas": [a.area for a in instances],
@@ -85,11 +103,16 @@ def _prompt_row(metadata: ImageMetadata, prompt_index: int, instances: list[Anno
 
 
 def result_rows(metadata: ImageMetadata) -> list[dict[str, Any]]:
-    """The rows of one image: one per prompt, its instances in annotation order."""
+    """The rows of one image: one per prompt, then one per object prompt, instances in annotation order."""
     by_prompt: list[list[Annotation]] = [[] for _ in metadata.prompts]
+    by_object: list[list[Annotation]] = [[] for _ in metadata.objects]
     for annotation in metadata.annotations:
-        by_prompt[annotation.prompt_index].append(annotation)
-    return [_prompt_row(metadata, index, instances) for index, instances in enumerate(by_prompt)]
+        if annotation.object_index is not None:
+            by_object[annotation.object_index].append(annotation)
+        elif annotation.prompt_index is not None:
+            by_prompt[annotation.prompt_index].append(annotation)
+    rows = [_prompt_row(metadata, index, instances) for index, instances in enumerate(by_prompt)]
+    return rows + [_object_row(metadata, index, instances) for index, instances in enumerate(by_object)]
 
 
 def results_table(metadata: Sequence[ImageMetadata]) -> pa.Table:

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from PIL import Image
 
-from sam3_batch.contracts.errors import JobCancelledError
+from sam3_batch.contracts.errors import ItemError, JobCancelledError
 from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcome, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
@@ -35,6 +35,13 @@ from sam3_batch.worker.io_stages import (
     write_image,
 )
 from sam3_batch.worker.stage_pools import StagePool
+from sam3_batch.worker.visual_prompts import (
+    VisualRequest,
+    VisualResult,
+    fit_objects,
+    fit_prompts,
+    has_visual_prompts,
+)
 from sam3_batch.worker.writer import ImageJob
 
 
@@ -186,9 +193,14 @@ class _ChunkRun:
         elif isinstance(loaded, AlreadyDone):
             self.done(item, loaded.metadata)
         else:
+            try:
+                fitted = _with_fitted_prompts(loaded)
+            except Exception as exc:
+                _failure(item, StageFailure.of(exc), self.result, self.final_attempt)
+                return
             for stage, ms in loaded.timings_ms.items():
                 metrics.observe_stage(stage, ms / 1000.0)
-            yield loaded
+            yield fitted
 
     def done(self, item: WorkItem, metadata: ImageMetadata) -> None:
         instances = len(metadata.annotations)
@@ -199,9 +211,7 @@ class _ChunkRun:
         """One model call for the batch; if it fails, each image alone so one bad image fails alone."""
         start = time.perf_counter()
         try:
-            found = self.ctx.runtime.segment(
-                [b.prepared for b in batch], [b.prompts for b in batch], self.spec.thresholds
-            )
+            found = _segment(self.ctx.runtime, batch, self.spec.thresholds)
         except Exception:
             if len(batch) == 1:
                 raise
@@ -211,10 +221,10 @@ class _ChunkRun:
         elapsed = time.perf_counter() - start
         self.result.model_seconds += elapsed
         metrics.BATCH_SIZE.observe(len(batch))
-        for entry, detections in zip(batch, found, strict=True):
+        for entry, (detections, objects) in zip(batch, found, strict=True):
             entry.timings_ms["model"] = elapsed * 1000.0 / len(batch)
             metrics.observe_stage("model", elapsed / len(batch))
-            self.submit_write(entry, detections)
+            self.submit_write(entry, detections, objects)
 
     def run_single(self, entry: LoadedImage) -> None:
         try:
@@ -222,9 +232,12 @@ class _ChunkRun:
         except Exception as exc:
             _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt)
 
-    def submit_write(self, entry: LoadedImage, detections: list[PromptDetections]) -> None:
+    def submit_write(
+        self, entry: LoadedImage, detections: list[PromptDetections], objects: list[PromptDetections]
+    ) -> None:
         job = ImageJob(
-            self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms
+            self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms,
+            prompts=entry.prompts, objects=entry.objects, object_detections=objects,
         )
         self.ctx.write_slots.acquire()  # released when the write is done (failed or lost included)
         try:
@@ -258,6 +271,33 @@ class _ChunkRun:
         metrics.observe_stage("encode_upload", written.seconds)
         self.done(item, written.metadata)
         metrics.count_image("done", len(written.metadata.annotations))
+
+
+def _with_fitted_prompts(loaded: LoadedImage) -> LoadedImage:
+    """The image with its visual prompts checked against its size (boxes clipped); raises if one does not fit."""
+    objects = loaded.item.objects or []
+    if not loaded.prompts and not objects:
+        raise ItemError("the image has no prompts: give the job --prompt, or 'prompts'/'objects' in the manifest")
+    if not has_visual_prompts(loaded.prompts, objects):
+        return loaded
+    return replace(loaded, prompts=fit_prompts(loaded.prompts, loaded.size_wh),
+                   objects=fit_objects(objects, loaded.size_wh))
+
+
+Segmented = list[tuple[list[PromptDetections], list[PromptDetections]]]  # per image: concepts, objects
+
+
+def _segment(runtime: SegmentationRuntime, batch: list[LoadedImage], thresholds: Thresholds) -> Segmented:
+    """Text prompts alone go through ``segment``; a batch with visual prompts through ``segment_visual``."""
+    if not any(has_visual_prompts(b.prompts, b.objects) for b in batch):
+        texts = [[p for p in b.prompts if isinstance(p, str)] for b in batch]
+        return [(found, []) for found in runtime.segment([b.prepared for b in batch], texts, thresholds)]
+    segment_visual = getattr(runtime, "segment_visual", None)
+    if not callable(segment_visual):
+        raise ItemError("this runtime does not support visual prompts (exemplar boxes, objects)")
+    requests = [VisualRequest(b.prompts, b.objects) for b in batch]
+    results: list[VisualResult] = segment_visual([b.prepared for b in batch], requests, thresholds)
+    return [(result.concepts, result.objects) for result in results]
 
 
 def process_chunk(

@@ -25,7 +25,9 @@ from sam3_batch.worker.sam3_adapter import (
     text_features,
     to_detections,
 )
-from sam3_batch.worker.tiny_model import resolve_model
+from sam3_batch.worker.tiny_model import resolve_model, resolve_tracker
+from sam3_batch.worker.visual_prompts import VisualRequest, VisualResult
+from sam3_batch.worker.visual_runtime import VisualSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class Sam3Runtime:
         device: torch.device,
         dtype: torch.dtype,
         precision: Precision | None = None,
+        tracker_source: str | Path | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -144,6 +147,9 @@ class Sam3Runtime:
         self._model_lock = threading.Lock()
         # Most (image, prompt) rows one detector pass may take: None until an out-of-memory error sets it.
         self.row_limit: int | None = None
+        self.visual = VisualSegmenter(
+            model, self._text_rows, tracker_source, revision=revision, device=device, dtype=dtype
+        )
 
     @classmethod
     def load(
@@ -178,6 +184,7 @@ class Sam3Runtime:
         return cls(
             network, processor, model_id=model, revision=revision, device=torch_device, dtype=torch_dtype,
             precision=precision,
+            tracker_source=resolve_tracker(model, cache_dir),
         )
 
     def prepare(self, image: PIL.Image.Image) -> PreparedImage:
@@ -206,6 +213,17 @@ class Sam3Runtime:
         for size in sizes:
             self.segment([blank] * size, [["warm-up"]] * size, Thresholds(score=1.0))
         return sizes
+    def segment_visual(
+        self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds
+    ) -> list[VisualResult]:
+        """Segment each image with its text, exemplar and object prompts: one vision pass for all of them."""
+        if len(images) != len(requests):
+            raise ValueError(f"got {len(images)} images but {len(requests)} prompt requests")
+        if not images:
+            return []
+        sizes_hw = [image.original_size_hw for image in images]
+        with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
+            return self.visual.segment(self._stack(images), requests, sizes_hw, thresholds)
 
     def bare_forward(self, images: list[PreparedImage], prompt: str) -> None:
         """The model forward alone on prepared images (no post-processing): the throughput ceiling."""

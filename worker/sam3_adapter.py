@@ -24,6 +24,7 @@ from sam3_batch.worker.detections import PromptDetections
 # Full-size float probabilities for this many pixels (x4 bytes) are upsampled at once: instances are
 # upsampled independently, so grouping them only bounds device memory and never changes a mask.
 UPSAMPLE_PIXEL_BUDGET = 64 * 1024 * 1024
+BOX_PAD_LABEL = -10  # Sam3Processor's padding label for exemplar boxes
 
 
 class NonFiniteOutputError(Sam3BatchError):
@@ -161,3 +162,24 @@ def _upsample_and_threshold(
     probabilities = mask_logits.float().sigmoid()
     upsampled = F.interpolate(probabilities[None], size=size_hw, mode="bilinear", align_corners=False)[0]
     return upsampled > threshold
+
+
+def exemplar_inputs(
+    boxes: Sequence[Sequence[tuple[float, float, float, float]]],
+    labels: Sequence[Sequence[int]],
+    sizes_hw: Sequence[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_boxes`` (R, K, 4) and ``input_boxes_labels`` (R, K) for rows of up to K exemplar boxes each.
+
+    Pixel xyxy boxes become (cx, cy, w, h) relative to each row's image, as ``Sam3Processor`` makes them;
+    shorter rows are padded as the processor pads them (label -10: masked out of the geometry encoder).
+    """
+    most = max(len(row) for row in boxes)
+    corners = torch.full((len(boxes), most, 4), float(BOX_PAD_LABEL))
+    padded_labels = torch.full((len(boxes), most), BOX_PAD_LABEL, dtype=torch.long)
+    for r, (row, row_labels, (height, width)) in enumerate(zip(boxes, labels, sizes_hw, strict=True)):
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        x0, y0, x1, y1 = (torch.tensor([list(box) for box in row], dtype=torch.float32) / scale).unbind(-1)
+        corners[r, : len(row)] = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+        padded_labels[r, : len(row)] = torch.tensor(list(row_labels), dtype=torch.long)
+    return corners, padded_labels

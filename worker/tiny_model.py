@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTokenizer, Sam3Config, Sam3Model, Sam3Processor
+from transformers import (
+    CLIPTokenizer,
+    Sam3Config,
+    Sam3Model,
+    Sam3Processor,
+    Sam3TrackerConfig,
+    Sam3TrackerModel,
+    Sam3TrackerProcessor,
+)
 from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 
 logger = logging.getLogger(__name__)
@@ -19,7 +28,12 @@ logger = logging.getLogger(__name__)
 TINY_RANDOM = "tiny-random"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "sam3-batch"
 # Bump when the built checkpoint changes, so stale cached builds are not reused.
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2  # 2: with the tracker (object prompts) in TRACKER_SUBDIR
+# The tracker (points/box -> one mask per object) lives beside the detector in this subfolder; facebook/sam3
+# holds both in one checkpoint (the tracker's ViT is the detector's: transformers renames
+# ``detector_model.vision_encoder.backbone.`` to the tracker's ``vision_encoder.backbone.`` on load).
+TRACKER_SUBDIR = "tracker"
+_TRACKER_MODEL_TYPES = ("sam3_video", "sam3_tracker", "sam3_tracker_video")
 
 PATCH_SIZE = 14
 TEXT_MAX_TOKENS = 32  # Sam3Processor pads every prompt to 32 tokens
@@ -34,6 +48,23 @@ _COMMON_WORDS = (
     "road", "sky", "water", "boat", "chair", "table", "bottle", "cup", "phone", "book", "ball",
     "sign", "window", "door", "plant", "flower", "shirt", "red", "blue", "green", "white", "black",
 )  # fmt: skip
+
+
+def resolve_tracker(model: str, cache_dir: Path | None = None, seed: int = 0) -> Path | str | None:
+    """Where the tracker (object prompts) loads from, or None when the checkpoint has none.
+
+    A hub id is the combined checkpoint (``facebook/sam3`` holds detector and tracker); a local folder holds
+    the tracker in ``TRACKER_SUBDIR`` (as ``tiny-random`` does) or is itself a combined or tracker checkpoint.
+    """
+    source = resolve_model(model, cache_dir, seed)
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    if (folder / TRACKER_SUBDIR / "config.json").is_file():
+        return folder / TRACKER_SUBDIR
+    config = folder / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return folder if model_type in _TRACKER_MODEL_TYPES else None
 
 
 def resolve_model(model: str, cache_dir: Path | None = None, seed: int = 0) -> Path | str:
@@ -73,11 +104,45 @@ def build_checkpoint(
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         model = Sam3Model(config)
-    processor = Sam3Processor(image_processor=_image_processor(image_size, max(scale_factors)), tokenizer=tokenizer)
+    image_processor = _image_processor(image_size, max(scale_factors))
+    processor = Sam3Processor(image_processor=image_processor, tokenizer=tokenizer)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    _build_tracker(path / TRACKER_SUBDIR, model, shape, image_processor, seed)
     return path
+
+
+def _build_tracker(
+    path: Path, detector: Sam3Model, shape: _Shape, image_processor: Sam3ImageProcessor, seed: int
+) -> None:
+    """The tracker for object prompts, its ViT the detector's (as in ``facebook/sam3``), its heads random."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        tracker = Sam3TrackerModel(_tracker_config(shape, detector.config))
+    tracker.vision_encoder.backbone.load_state_dict(detector.vision_encoder.backbone.state_dict())
+    path.mkdir(parents=True, exist_ok=True)
+    tracker.save_pretrained(path)
+    Sam3TrackerProcessor(image_processor=image_processor).save_pretrained(path)
+
+
+def _tracker_config(shape: _Shape, detector_config: Sam3Config) -> Sam3TrackerConfig:
+    patches = shape.image_size // PATCH_SIZE
+    vision_config: Any = detector_config.vision_config
+    vision = vision_config.to_dict()
+    # The tracker's own FPN neck: three levels (4x, 2x, 1x the patch grid), as its mask decoder needs.
+    vision["scale_factors"] = [4.0, 2.0, 1.0]
+    vision["backbone_feature_sizes"] = [[4 * patches] * 2, [2 * patches] * 2, [patches] * 2]
+    hidden = shape.hidden
+    return Sam3TrackerConfig(
+        vision_config=vision,
+        prompt_encoder_config={"hidden_size": hidden, "image_size": shape.image_size, "patch_size": PATCH_SIZE},
+        mask_decoder_config={
+            "hidden_size": hidden, "mlp_dim": 2 * hidden, "num_hidden_layers": 2,
+            "num_attention_heads": hidden // 16, "iou_head_hidden_dim": hidden,
+        },
+        initializer_range=_INIT_RANGE,
+    )
 
 
 def build_tokenizer() -> CLIPTokenizer:

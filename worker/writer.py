@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from sam3_batch.contracts.schemas import (
     ImageMetadata,
     JobSpec,
     ModelInfo,
+    ObjectPrompt,
+    ObjectSummary,
+    PromptSpec,
     PromptSummary,
     WorkItem,
 )
@@ -43,6 +46,10 @@ class ImageJob:
     rgb: torch.Tensor | None  # (H, W, 3) uint8: the image, needed only for the masked-image output
     detections: list[PromptDetections]
     timings_ms: dict[str, float]
+    # The visual prompts as segmented (boxes clipped to the image), echoed in the metadata.
+    prompts: list[PromptSpec] = field(default_factory=list)
+    objects: list[ObjectPrompt] = field(default_factory=list)
+    object_detections: list[PromptDetections] = field(default_factory=list)  # one per object
 
     @classmethod
     def of_image(
@@ -75,7 +82,40 @@ def _annotations(job: ImageJob, layout: OutputLayout) -> list[Annotation]:
                     bbox=box_xyxy_to_xywh(box), area=rle_area(rle), segmentation=rle, mask_png=png_key,
                 )
             )
+    return annotations + _object_annotations(job, layout, first_id=len(annotations))
+
+
+def _object_annotations(job: ImageJob, layout: OutputLayout, first_id: int) -> list[Annotation]:
+    annotations: list[Annotation] = []
+    for object_index, found in enumerate(job.object_detections):
+        png_key = layout.object_png_uri(object_index) if job.spec.outputs.png_masks else None
+        for instance_index, rle in enumerate(encode_rle_batch(found.masks)):
+            x0, y0, x1, y1 = (float(v) for v in found.boxes_xyxy[instance_index])
+            annotations.append(
+                Annotation(
+                    id=first_id + len(annotations), prompt=found.prompt, prompt_index=None,
+                    object_index=object_index, score=float(found.scores[instance_index]),
+                    box_xyxy=(x0, y0, x1, y1), bbox=box_xyxy_to_xywh((x0, y0, x1, y1)), area=rle_area(rle),
+                    segmentation=rle, mask_png=png_key,
+                )
+            )
     return annotations
+
+
+def _prompt_summary(job: ImageJob, index: int, found: PromptDetections) -> PromptSummary:
+    prompt = job.prompts[index] if index < len(job.prompts) else found.prompt
+    boxes = None if isinstance(prompt, str) else prompt.boxes
+    labels = None if isinstance(prompt, str) else prompt.labels
+    return PromptSummary(text=found.prompt, presence_score=found.presence_score, instance_count=len(found),
+                         boxes=boxes or None, box_labels=labels or None)
+
+
+def _object_summaries(job: ImageJob) -> list[ObjectSummary]:
+    return [
+        ObjectSummary(object_index=index, points=obj.points, point_labels=obj.labels if obj.points else None,
+                      box=obj.box, score=float(found.scores[0]) if len(found) else 0.0)
+        for index, (obj, found) in enumerate(zip(job.objects, job.object_detections, strict=True))
+    ]
 
 
 def _write_png_masks(job: ImageJob, layout: OutputLayout, storage: Storage) -> None:
@@ -83,13 +123,16 @@ def _write_png_masks(job: ImageJob, layout: OutputLayout, storage: Storage) -> N
         for instance_index in range(len(found)):
             data = encode_png_mask(found.masks[instance_index])
             storage.write_bytes(layout.mask_png_uri(prompt_index, instance_index), data, "image/png")
+    for object_index, found in enumerate(job.object_detections):
+        for mask in found.masks:  # one per object
+            storage.write_bytes(layout.object_png_uri(object_index), encode_png_mask(mask), "image/png")
 
 
 def _write_masked_image(job: ImageJob, layout: OutputLayout, storage: Storage) -> str:
     if job.rgb is None:
         raise ValueError("the masked image needs the image's pixels: build the ImageJob with them")
     width, height = job.size_wh
-    all_masks = [found.masks for found in job.detections if len(found)]
+    all_masks = [found.masks for found in [*job.detections, *job.object_detections] if len(found)]
     stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
     fmt = job.spec.outputs.output_format
     uri = layout.masked_image_uri(fmt)
@@ -106,11 +149,9 @@ def build_metadata(job: ImageJob, layout: OutputLayout, masked_uri: str | None) 
         image=ImageInfo(uri=job.item.uri, width=job.size_wh[0], height=job.size_wh[1], file_name=name),
         model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision),
         thresholds=job.spec.thresholds,
-        prompts=[
-            PromptSummary(text=d.prompt, presence_score=d.presence_score, instance_count=len(d))
-            for d in job.detections
-        ],
-        annotations=_annotations(job, layout), masked_image=masked_uri, timings_ms=job.timings_ms,
+        prompts=[_prompt_summary(job, index, d) for index, d in enumerate(job.detections)],
+        annotations=_annotations(job, layout), objects=_object_summaries(job), masked_image=masked_uri,
+        timings_ms=job.timings_ms,
     )
 
 

@@ -74,6 +74,9 @@ class OutputLayout:
     def mask_png_uri(self, prompt_index: int, instance_index: int) -> str:
         return join_uri(self.output_root, f"{self.out_key}.masks/p{prompt_index:02d}_i{instance_index:03d}.png")
 
+    def object_png_uri(self, object_index: int) -> str:
+        return join_uri(self.output_root, f"{self.out_key}.masks/o{object_index:03d}.png")
+
     def masked_image_uri(self, output_format: str) -> str:
         return join_uri(self.output_root, f"{self.out_key}.masked.{output_format}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 MAX_PROMPT_CHARS = 256
@@ -42,7 +42,7 @@ class JobSpec(_Strict):
     """Stored once in Redis under the job id; chunk messages refer to it by id."""
 
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    prompts: list[Prompt] = Field(min_length=1, max_length=64)
+    prompts: list[Prompt] = Field(max_length=64)  # may be empty only with a manifest (its lines give them)
     thresholds: Thresholds = Thresholds()
     outputs: OutputOptions = OutputOptions()
     output_root: str
@@ -63,18 +63,134 @@ class JobSpec(_Strict):
     def _check_prompts(cls, prompts: list[str]) -> list[str]:
         return _clean_prompts(prompts)
 
+    @model_validator(mode="after")
+    def _check_has_prompts(self) -> JobSpec:
+        if not self.prompts and not self.manifest:
+            raise ValueError("give at least one --prompt (or a manifest whose lines carry prompts or objects)")
+        return self
+
+
+# Visual prompts: pixel coordinates in the EXIF-upright frame of the image (the frame the outputs use).
+# Checks that need the image's size (inside the image) are made by the worker, which fails that image alone.
+MAX_BOXES_PER_PROMPT = 64
+MAX_POINTS_PER_OBJECT = 64
+MAX_OBJECTS_PER_IMAGE = 256
+Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+BoxXYXY = tuple[Coordinate, Coordinate, Coordinate, Coordinate]
+PointXY = tuple[Coordinate, Coordinate]
+Label = Literal[0, 1]  # 1: positive (include), 0: negative (exclude)
+
+
+def _check_box(box: BoxXYXY) -> BoxXYXY:
+    x0, y0, x1, y1 = box
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"a box is (x0, y0, x1, y1) with x0 < x1 and y0 < y1, got {list(box)}")
+    return box
+
+
+def _check_labels(labels: list[Label] | None, count: int, what: str) -> None:
+    if labels is not None and len(labels) != count:
+        raise ValueError(f"{what}_labels has {len(labels)} entries for {count} {what}(s)")
+
+
+class ConceptPrompt(_Strict):
+    """Every instance of a concept given by text and/or exemplar boxes (``Sam3Model`` ``input_boxes``)."""
+
+    text: Prompt | None = None
+    boxes: list[BoxXYXY] = Field(default_factory=list, max_length=MAX_BOXES_PER_PROMPT)
+    box_labels: list[Label] | None = None  # default: all positive
+
+    @field_validator("text")
+    @classmethod
+    def _clean_text(cls, text: str | None) -> str | None:
+        return None if text is None else _clean_prompts([text])[0]
+
+    @field_validator("boxes")
+    @classmethod
+    def _check_boxes(cls, boxes: list[BoxXYXY]) -> list[BoxXYXY]:
+        return [_check_box(box) for box in boxes]
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> ConceptPrompt:
+        _check_labels(self.box_labels, len(self.boxes), "box")
+        if self.text is None and 1 not in self.labels:
+            raise ValueError("a prompt without text needs at least one positive box")
+        return self
+
+    @property
+    def labels(self) -> list[int]:
+        """One label per box (1 when ``box_labels`` is not given)."""
+        return list(self.box_labels) if self.box_labels is not None else [1] * len(self.boxes)
+
+    def name(self, prompt_index: int) -> str:
+        """The text, or ``exemplar:N`` (N the prompt's index on its image) when there is none."""
+        return self.text if self.text is not None else f"exemplar:{prompt_index}"
+
+
+class ObjectPrompt(_Strict):
+    """One object to segment from clicks and/or a box (``Sam3TrackerModel``): exactly one mask."""
+
+    points: list[PointXY] | None = Field(None, min_length=1, max_length=MAX_POINTS_PER_OBJECT)
+    point_labels: list[Label] | None = None  # default: all positive
+    box: BoxXYXY | None = None
+
+    @field_validator("box")
+    @classmethod
+    def _check_box(cls, box: BoxXYXY | None) -> BoxXYXY | None:
+        return None if box is None else _check_box(box)
+
+    @model_validator(mode="after")
+    def _check_object(self) -> ObjectPrompt:
+        if self.points is None and self.box is None:
+            raise ValueError("an object needs 'points', a 'box', or both")
+        if self.point_labels is not None and self.points is None:
+            raise ValueError("'point_labels' given without 'points'")
+        _check_labels(self.point_labels, len(self.points or []), "point")
+        return self
+
+    @property
+    def labels(self) -> list[int]:
+        """One label per point (1 when ``point_labels`` is not given)."""
+        points = self.points or []
+        return list(self.point_labels) if self.point_labels is not None else [1] * len(points)
+
+
+def _prompt_kind(value: object) -> str:
+    return "text" if isinstance(value, str) else "concept"
+
+
+# A manifest's prompts mix plain text and concept objects; the tag keeps validation errors to the one kind.
+PromptSpec = Annotated[
+    Annotated[Prompt, Tag("text")] | Annotated[ConceptPrompt, Tag("concept")], Discriminator(_prompt_kind)
+]
+
+
+def prompt_name(prompt: PromptSpec, prompt_index: int) -> str:
+    """What an annotation's ``prompt`` says: the text, or ``exemplar:N`` for boxes alone."""
+    return prompt if isinstance(prompt, str) else prompt.name(prompt_index)
+
+
+def _clean_prompt_specs(prompts: list[PromptSpec]) -> list[PromptSpec]:
+    cleaned: list[PromptSpec] = []
+    for prompt in prompts:
+        candidate = _clean_prompts([prompt])[0] if isinstance(prompt, str) else prompt
+        if candidate not in cleaned:  # drop duplicates, keep order
+            cleaned.append(candidate)
+    return cleaned
+
 
 class WorkItem(_Strict):
-    """One image to segment. ``prompts`` (from a manifest) override the job's prompts."""
+    """One image to segment. ``prompts`` (from a manifest) override the job's; ``objects`` add object masks."""
 
     uri: str = Field(min_length=1)
     out_key: str = Field(min_length=1)
-    prompts: list[Prompt] | None = None
+    prompts: list[PromptSpec] | None = Field(None, max_length=64)
+    objects: list[ObjectPrompt] | None = Field(None, max_length=MAX_OBJECTS_PER_IMAGE)
 
     @field_validator("prompts")
     @classmethod
-    def _check_prompts(cls, prompts: list[str] | None) -> list[str] | None:
-        return None if prompts is None else _clean_prompts(prompts)
+    def _check_prompts(cls, prompts: list[PromptSpec] | None) -> list[PromptSpec] | None:
+        return None if prompts is None else _clean_prompt_specs(prompts)
 
 
 class ChunkMessage(_Strict):
@@ -94,23 +210,39 @@ class RLE(_Strict):
 
 
 class Annotation(_Strict):
-    """One instance, SA-1B / COCO style (``bbox`` is xywh; ``box_xyxy`` is given too)."""
+    """One instance, SA-1B / COCO style (``bbox`` is xywh; ``box_xyxy`` is given too).
+
+    A concept prompt's instance has ``prompt_index``; an object prompt's mask has ``object_index`` instead.
+    """
 
     id: int
     prompt: str
-    prompt_index: int
+    prompt_index: int | None
     score: float
     box_xyxy: tuple[float, float, float, float]
     bbox: tuple[float, float, float, float]
     area: int
     segmentation: RLE
     mask_png: str | None = None
+    object_index: int | None = None
 
 
 class PromptSummary(_Strict):
     text: str
     presence_score: float | None
     instance_count: int
+    boxes: list[BoxXYXY] | None = None  # a concept prompt's exemplar boxes, as given
+    box_labels: list[int] | None = None
+
+
+class ObjectSummary(_Strict):
+    """An object prompt's input geometry, echoed, and the predicted IoU of its one mask."""
+
+    object_index: int
+    points: list[PointXY] | None = None
+    point_labels: list[int] | None = None
+    box: BoxXYXY | None = None
+    score: float
 
 
 class ImageInfo(_Strict):
@@ -136,6 +268,7 @@ class ImageMetadata(_Strict):
     thresholds: Thresholds
     prompts: list[PromptSummary]
     annotations: list[Annotation]
+    objects: list[ObjectSummary] = Field(default_factory=list)
     masked_image: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
