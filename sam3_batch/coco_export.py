@@ -96,7 +96,9 @@ class CocoWriter:
         document = {
             "info": {"description": "sam3-batch results", "version": "1.0"},
             "images": self._shard.images, "annotations": self._shard.annotations,
-            "categories": [{"id": i, "name": name, "supercategory": "prompt"} for name, i in self._category_ids.items()],
+            "categories": [
+                {"id": i, "name": name, "supercategory": "prompt"} for name, i in self._category_ids.items()
+            ],
         }
         uri = coco_shard_uri(self.folder, len(self.summary.files))
         self.storage.write_bytes(uri, json.dumps(document).encode(), "application/json")

@@ -54,7 +54,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("model_commit", pa.string()),
         pa.field("score_threshold", pa.float64(), nullable=False),
         pa.field("mask_threshold", pa.float64(), nullable=False),
-        pa.field("processed_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("processed_date", pa.date32(), nullable=False),  # for partitioning by day
         pa.field("instance_count", pa.int32(), nullable=False),
         pa.field("prompts", pa.list_(PROMPT_TYPE), nullable=False),
