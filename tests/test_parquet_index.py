@@ -37,7 +37,7 @@ from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.encode import encode_rle
 from tests.fixtures.results import BROKEN_NAME, RESULT_PROMPTS, FinishedJob
-from tests.fixtures.workers import REPO_ROOT, run_cli, wait_for_job
+from tests.fixtures.workers import REPO_ROOT, run_cli, wait_for_job, wait_until
 
 Row = dict[str, Any]
 
@@ -363,8 +363,10 @@ def test_distributed_job_is_indexed_on_s3_by_the_worker_that_finishes_it(
     counters = wait_for_job(RedisJobStore(settings.state_redis_url()), job_id, workers=[worker])
     assert (counters.done, counters.failed) == (4, 1)
 
-    report = JobReport.model_validate_json(_s3_get(s3_client, s3_bucket, key_of(report_uri(out_root, job_id))
-                                                   .removeprefix(f"{s3_bucket}/")))
+    report_key = report_uri("out", job_id)  # written after the index, by the worker that finished the job
+    wait_until(lambda: report_key in _s3_objects(s3_client, s3_bucket, "out/_jobs/"), 60, "the job report",
+               details=worker.log)
+    report = JobReport.model_validate_json(_s3_get(s3_client, s3_bucket, report_key))
 
     docs = {
         key.removeprefix("out/").removesuffix(".json"): ImageMetadata.model_validate_json(
