@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from pycocotools.coco import COCO
 
 from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.lake import RESULTS_SCHEMA, write_chunk_part
@@ -346,9 +347,9 @@ def _s3_get(s3_client: Any, bucket: str, key: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_distributed_job_is_indexed_on_s3_by_the_worker_that_finishes_it(
+def test_distributed_job_is_indexed_on_s3_by_the_worker_that_finishes_it_and_exports_to_coco(
     settings_factory: Callable[..., Settings], tiny_checkpoint: Path, s3_client: Any, s3_bucket: str,
-    image_bytes_factory: Callable[[str], bytes], worker_factory: Any,
+    image_bytes_factory: Callable[[str], bytes], worker_factory: Any, tmp_path: Path,
 ) -> None:
     settings = settings_factory(model=str(tiny_checkpoint), device="cpu", chunk_size=2, batch_size=2)
     kinds = {"a.jpg": "jpeg", "b.png": "png_rgba", "sub/c.webp": "webp", "sub/d.png": "gray", "e.tif": "truncated"}
@@ -381,3 +382,14 @@ def test_distributed_job_is_indexed_on_s3_by_the_worker_that_finishes_it(
     rows = table.to_pylist()
     assert_done_rows_equal_json(rows, docs, out_root)
     assert [(r["uri"], r["status"]) for r in rows if r["status"] == "failed"] == [(f"{prefix}in/e.tif", "failed")]
+
+    exported = run_cli(["export", job_id, "--format", "coco", "--json"], settings)  # the job's root from Redis
+
+    assert exported.returncode == 0, exported.stderr
+    [coco_uri] = json.loads(exported.stdout)["files"]
+    assert coco_uri == f"{prefix}out/_jobs/{job_id}/coco/instances-00000.json"
+    coco_file = tmp_path / "coco.json"
+    coco_file.write_bytes(_s3_get(s3_client, s3_bucket, coco_uri.removeprefix(prefix)))
+    coco = COCO(str(coco_file))
+    assert sorted(image["file_name"] for image in coco.loadImgs(coco.getImgIds())) == sorted(docs)
+    assert len(coco.getAnnIds()) == sum(len(d.annotations) for d in docs.values())
