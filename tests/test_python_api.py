@@ -116,3 +116,13 @@ def test_importing_the_package_and_reading_results_loads_no_gpu_stack(finished_j
 def test_unknown_attribute_of_the_package_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'segmnet'"):
         sam3_batch.segmnet  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_result_without_instances_converts_to_empty_detections(finished_job: FinishedJob) -> None:
+    doc = next(iter(finished_job.metadata().values()))
+    empty = sam3_batch.Result(doc.model_copy(update={"annotations": []}))
+
+    detections = empty.to_supervision()
+
+    assert len(detections) == 0 and detections.xyxy.shape == (0, 4)
+    assert empty.masks().shape == (0, doc.image.height, doc.image.width)
