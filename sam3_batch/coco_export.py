@@ -9,13 +9,13 @@ remapped). Each shard lists the categories known when it was written; ids never 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam3_batch.contracts.layout import JobLayout, coco_shard_uri, out_key_of_metadata
+from sam3_batch.contracts.layout import JobLayout, coco_shard_uri
 from sam3_batch.contracts.schemas import ImageMetadata
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.results import iter_metadata
 
 ALL_JOBS = "_all"  # the export folder's job id when a whole output root is exported
 
@@ -31,17 +31,6 @@ class CocoExportSummary:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
-
-
-def iter_metadata(storage: Storage, output_root: str, job_id: str | None = None) -> Iterator[tuple[str, ImageMetadata]]:
-    """(out_key, metadata) of every done image under an output root, in key order; one job's only if given."""
-    for info in storage.list_objects(output_root):
-        out_key = out_key_of_metadata(info.relative_key)
-        if out_key is None:
-            continue
-        metadata = ImageMetadata.model_validate_json(storage.read_bytes(info.uri))
-        if job_id is None or metadata.job_id == job_id:
-            yield out_key, metadata
 
 
 class _Shard:

@@ -144,13 +144,19 @@ def read_results(
             raise ValueError("reading the Parquet index needs the job id: pass job_id=")
         yield from _from_index(storage, JobLayout(root, job_id).index_dir)
         return
-    for info in storage.list_objects(root):
+    for out_key, metadata in iter_metadata(storage, root, job_id):
+        yield Result(metadata, out_key)
+
+
+def iter_metadata(storage: Storage, output_root: str, job_id: str | None = None) -> Iterator[tuple[str, ImageMetadata]]:
+    """(out_key, metadata) of every done image under an output root, in key order; one job's only if given."""
+    for info in storage.list_objects(output_root):
         out_key = out_key_of_metadata(info.relative_key)
         if out_key is None:
             continue
         metadata = ImageMetadata.model_validate_json(storage.read_bytes(info.uri))
         if job_id is None or metadata.job_id == job_id:
-            yield Result(metadata, out_key)
+            yield out_key, metadata
 
 
 def _from_index(storage: Storage, index_dir: str) -> Iterator[Result]:

@@ -92,12 +92,17 @@ def encode_masked_image(
     # Pixels outside the mask are zeroed in both formats, so nothing hidden leaks through the RGB planes.
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     kept = Image.composite(rgb, Image.new("RGB", image.size), alpha)
-    buffer = io.BytesIO()
     if output_format == "png":
         kept.putalpha(alpha)
-        kept.save(buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
+    return _save_rendering(kept, output_format)
+
+
+def _save_rendering(image: Image.Image, output_format: Literal["jpg", "png"]) -> bytes:
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     elif output_format == "jpg":
-        kept.save(buffer, format="JPEG", quality=MASKED_JPEG_QUALITY)
+        image.save(buffer, format="JPEG", quality=MASKED_JPEG_QUALITY)
     else:
         raise ValueError(f"output_format must be 'jpg' or 'png', got {output_format!r}")
     return buffer.getvalue()
@@ -133,15 +138,7 @@ def encode_overlay_image(
         inside = union_of(masks)
         colour = np.asarray(overlay_colour(prompt_index), dtype=np.float32)
         rgb[inside] = (1.0 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * colour
-    blended = Image.fromarray(np.rint(rgb).astype(np.uint8))
-    buffer = io.BytesIO()
-    if output_format == "png":
-        blended.save(buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
-    elif output_format == "jpg":
-        blended.save(buffer, format="JPEG", quality=MASKED_JPEG_QUALITY)
-    else:
-        raise ValueError(f"output_format must be 'jpg' or 'png', got {output_format!r}")
-    return buffer.getvalue()
+    return _save_rendering(Image.fromarray(np.rint(rgb).astype(np.uint8)), output_format)
 
 
 def _check_mask(mask: npt.NDArray[np.generic], *, ndim: int) -> None:
