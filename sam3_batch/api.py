@@ -29,6 +29,9 @@ class Segmenter:
     """A resident model for repeated ``segment`` calls (loading it is the slow part)."""
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        from sam3_batch.extras import require_worker_extra
+
+        require_worker_extra()  # one readable error, not an ImportError, without the GPU stack
         from sam3_batch.worker.state import load_runtime
 
         base = settings or Settings()
