@@ -8,7 +8,7 @@ from array import array
 import numpy as np
 import numpy.typing as npt
 
-from sam3_batch.contracts.keys import out_key_of_metadata
+from sam3_batch.contracts.layout import out_key_of_metadata
 from sam3_batch.contracts.storage import Storage
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
@@ -30,7 +31,10 @@ Revision = Annotated[str | None, typer.Option(help="Pin the model revision (comm
 Threshold = Annotated[float, typer.Option(min=0.0, max=1.0, help="Minimum instance score.")]
 MaskThreshold = Annotated[float, typer.Option(min=0.0, max=1.0, help="Mask logit threshold.")]
 PngMasks = Annotated[bool, typer.Option(help="Also write one PNG per instance.")]
-Masked = Annotated[bool, typer.Option(help="Also write the masked image (as apply_mask).")]
+Masked = Annotated[bool, typer.Option(help="Also write the masked image (see --masked-style).")]
+MaskedStyle = Annotated[str, typer.Option(
+    help="overlay: masks blended on the image, a colour per prompt (as the hosted API's apply_mask); "
+         "cutout: only the masked pixels.")]
 OutputFormat = Annotated[str, typer.Option(help="Masked image format: jpg or png.")]
 BatchSize = Annotated[int | None, typer.Option(min=0, help="Images per model batch (0: from free GPU memory).")]
 ChunkSize = Annotated[int | None, typer.Option(min=1, help="Images per queue message.")]
@@ -50,14 +54,17 @@ def _settings(**overrides: Any) -> Settings:
 
 def _request(inputs: list[str] | None, prompts: list[str], out_root: str, manifest: str | None,
              threshold: float, mask_threshold: float, png_masks: bool, masked: bool, output_format: str,
-             skip_existing: bool) -> jobs.JobRequest:
+             skip_existing: bool, masked_style: str = "cutout") -> jobs.JobRequest:
     if output_format not in ("jpg", "png"):
         raise typer.BadParameter("--output-format must be jpg or png")
+    if masked_style not in ("overlay", "cutout"):
+        raise typer.BadParameter("--masked-style must be overlay or cutout")
     fmt: Literal["jpg", "png"] = "jpg" if output_format == "jpg" else "png"
+    style: Literal["overlay", "cutout"] = "overlay" if masked_style == "overlay" else "cutout"
     return jobs.JobRequest(
         inputs=list(inputs or []), prompts=prompts, output_root=out_root, manifest=manifest,
         thresholds=Thresholds(score=threshold, mask=mask_threshold),
-        outputs=OutputOptions(png_masks=png_masks, masked_image=masked, output_format=fmt),
+        outputs=OutputOptions(png_masks=png_masks, masked_image=masked, masked_style=style, output_format=fmt),
         skip_existing=skip_existing,
     )
 
@@ -68,7 +75,7 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
         threshold: Threshold = 0.3, mask_threshold: MaskThreshold = 0.5, png_masks: PngMasks = False,
         masked: Masked = False, output_format: OutputFormat = "png", batch_size: BatchSize = None,
         chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, device: Device = None,
-        dtype: Dtype = None) -> None:
+        dtype: Dtype = None, masked_style: MaskedStyle = "cutout") -> None:
     """Segment a folder (or any source) in this process: no Redis, no S3 needed."""
     if not (prompt or manifest):
         raise typer.BadParameter("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
@@ -77,7 +84,7 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
     if settings.model == "tiny-random":
         console.print("[yellow]model tiny-random: random weights, masks are meaningless (smoke test only)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
-                       output_format, skip_existing)
+                       output_format, skip_existing, masked_style)
     report = jobs.run_embedded(request, settings)
     c = report.counters
     console.print(f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
@@ -93,7 +100,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            manifest: Manifest = None, threshold: Threshold = 0.3, mask_threshold: MaskThreshold = 0.5,
            png_masks: PngMasks = False, masked: Masked = False, output_format: OutputFormat = "png",
            chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, model: Model = None,
-           revision: Revision = None,
+           revision: Revision = None, masked_style: MaskedStyle = "cutout",
            resume: Annotated[str | None, typer.Option(help="Resume this job id.")] = None,
            wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
            as_json: JsonOut = False) -> None:
@@ -102,7 +109,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
     if not resume and (not out_root or not (prompt or manifest)):
         raise typer.BadParameter("--out and at least one --prompt (or a --manifest) are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
-                       output_format, skip_existing)
+                       output_format, skip_existing, masked_style)
     summary = jobs.submit(request, settings, resume_job=resume)
     if as_json:
         out.print_json(json.dumps(summary.__dict__))
@@ -184,25 +191,59 @@ def retry_failed_cmd(job_id: str) -> None:
     out.print(f"resubmitted {count} failed images of {job_id}")
 
 
+def _job_root(job_id: str, out_root: str | None) -> str:
+    return out_root or RedisJobStore(_settings().state_redis_url()).spec(job_id).output_root
+
+
 @app.command("index")
 def index_cmd(job_id: str,
               out_root: Annotated[str | None, typer.Option(
                   "--out", "-o", help="Output root, for a job not in Redis (an embedded `run`).")] = None,
-              target_rows: Annotated[int, typer.Option(min=1, help="Rows per compacted file.")] = 1_000_000,
+              target_rows: Annotated[int, typer.Option(min=1, help="Rows (images) per compacted file.")] = 1_000_000,
+              partition_by: Annotated[list[str] | None, typer.Option(
+                  help="Hive partition column: job_id, status, processed_date or model_id; repeatable.")] = None,
+              dest: Annotated[str | None, typer.Option(
+                  help="Write into this shared lake folder (files named JOB-part-N) instead of the job's.")] = None,
               as_json: JsonOut = False) -> None:
-    """Compact a job's per-chunk Parquet parts into <output root>/_jobs/<job>/index/ for data lakes."""
+    """Compact a job's per-chunk Parquet parts into <output root>/_jobs/<job>/index/ (done automatically at the end)."""
+    from sam3_batch.contracts.lake_index import compact_index
     from sam3_batch.contracts.storage import Storage
-    from sam3_batch.index import compact_index
 
     settings = _settings()
-    root = out_root or RedisJobStore(settings.state_redis_url()).spec(job_id).output_root
-    summary = compact_index(Storage(settings), root, job_id, target_rows=target_rows)
+    summary = compact_index(Storage(settings), _job_root(job_id, out_root), job_id, max_rows_per_file=target_rows,
+                            partition_by=partition_by or (), dest=dest)
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
-    out.print(f"{job_id}: {summary.rows} rows ({summary.images} images, {summary.instances} instances) "
-              f"from {summary.parts_read} parts -> {summary.files_written} files", markup=False, highlight=False)
+    out.print(f"{job_id}: {summary.images} images ({summary.done} done, {summary.failed} failed, "
+              f"{summary.instances} instances) from {summary.parts_read} parts -> {summary.files_written} files",
+              markup=False, highlight=False)
     for uri in summary.uris:
+        out.print(f"  {uri}", markup=False, highlight=False)
+
+
+@app.command("export")
+def export_cmd(job_or_root: Annotated[str, typer.Argument(help="A job id (in Redis) or an output root.")],
+               fmt: Annotated[str, typer.Option("--format", help="Export format: coco.")] = "coco",
+               images_per_file: Annotated[int, typer.Option(min=1, help="Images per COCO file.")] = 10_000,
+               dest: Annotated[str | None, typer.Option(help="Folder for the files (default: the job's).")] = None,
+               as_json: JsonOut = False) -> None:
+    """Export results as COCO instances JSON (sharded), loadable by pycocotools and supervision."""
+    from sam3_batch.coco_export import export_coco
+    from sam3_batch.contracts.storage import Storage
+
+    if fmt != "coco":
+        raise typer.BadParameter("--format must be coco")
+    settings = _settings()
+    is_root = "://" in job_or_root or "/" in job_or_root or Path(job_or_root).is_dir()
+    root, job_id = (job_or_root, None) if is_root else (_job_root(job_or_root, None), job_or_root)
+    summary = export_coco(Storage(settings), root, job_id, images_per_file=images_per_file, dest=dest)
+    if as_json:
+        out.print_json(json.dumps(summary.as_dict()))
+        return
+    out.print(f"{summary.images} images, {summary.annotations} annotations, {len(summary.categories)} categories "
+              f"-> {len(summary.files)} files", markup=False, highlight=False)
+    for uri in summary.files:
         out.print(f"  {uri}", markup=False, highlight=False)
 
 

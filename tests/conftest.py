@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.images",
     "tests.fixtures.workers",
+    "tests.fixtures.results",
 ]

@@ -1,4 +1,4 @@
-"""The control plane (submit, status, jobs, failures, retry-failed, cancel, index) runs without the GPU stack.
+"""The control plane (submit, status, jobs, failures, retry-failed, cancel, index, export) runs without the GPU stack.
 
 Each command runs in-process in a fresh interpreter (so nothing an earlier import pulled in counts), then
 that interpreter reports which of the GPU stack's modules it imported. A command that needs the worker
@@ -73,7 +73,7 @@ def test_help_and_every_control_plane_command_run_without_importing_the_gpu_stac
     job_id = json.loads(submitted["stdout"])["job_id"]
 
     for args in (["--help"], ["status", job_id, "--json"], ["jobs", "--json"], ["failures", job_id],
-                 ["retry-failed", job_id], ["index", job_id], ["cancel", job_id]):
+                 ["retry-failed", job_id], ["index", job_id], ["export", job_id], ["cancel", job_id]):
         result = run_in_process(args, flush_redis, tmp_path)
         assert result["exit"] == 0, (args, result["stderr"])
         assert result["loaded"] == [], f"`sam3-batch {' '.join(args)}` imported {result['loaded']}"
@@ -81,6 +81,7 @@ def test_help_and_every_control_plane_command_run_without_importing_the_gpu_stac
     assert json.loads(run_in_process(["status", job_id, "--json"], flush_redis, tmp_path)["stdout"])["state"] \
         == "cancelled"
     assert list((out_root / "_jobs" / job_id / "index").glob("*.parquet")), "index wrote no file"
+    assert list((out_root / "_jobs" / job_id / "coco").glob("*.json")), "export wrote no file"
 
 
 @pytest.mark.parametrize(("args", "blocked"), [

@@ -116,8 +116,8 @@ def _stored(spec: JobSpec, item: WorkItem) -> ImageMetadata:
 
 
 def _comparable(metadata: ImageMetadata, root: str) -> dict[str, Any]:
-    """Everything but the timings, with the output root taken out of the PNG mask and masked image keys."""
-    document = metadata.model_dump(exclude={"timings_ms"})
+    """All but timings and write time, with the output root taken out of the PNG mask and masked image keys."""
+    document = metadata.model_dump(exclude={"timings_ms", "processed_at"})
     document["masked_image"] = document["masked_image"].removeprefix(root)
     for annotation in document["annotations"]:
         annotation["mask_png"] = annotation["mask_png"].removeprefix(root)
@@ -140,7 +140,7 @@ def _assert_close(actual: ImageMetadata, expected: ImageMetadata) -> None:
     for got, want in zip(actual.annotations, expected.annotations, strict=True):
         assert (got.id, got.prompt, got.prompt_index) == (want.id, want.prompt, want.prompt_index), where
         assert abs(got.score - want.score) <= 1e-5, where
-        np.testing.assert_allclose(got.box_xyxy, want.box_xyxy, rtol=1e-4, atol=1e-3, err_msg=where)
+        np.testing.assert_allclose(got.pred_box_xyxy, want.pred_box_xyxy, rtol=1e-4, atol=1e-3, err_msg=where)
         got_mask, want_mask = decode_rle(got.segmentation), decode_rle(want.segmentation)
         differing = int(np.count_nonzero(got_mask != want_mask))
         assert differing <= BATCHED_MASK_TOLERANCE * want_mask.size, f"{where}: {differing} pixels differ"

@@ -71,7 +71,7 @@ def _written(metadata: ImageMetadata) -> tuple[list[PromptDetections], list[Prom
         shape = (metadata.image.height, metadata.image.width)
         return PromptDetections(
             prompt=name, presence_score=presence, scores=np.array([a.score for a in annotations], dtype=np.float32),
-            boxes_xyxy=np.array([a.box_xyxy for a in annotations], dtype=np.float32).reshape(-1, 4),
+            boxes_xyxy=np.array([a.pred_box_xyxy for a in annotations], dtype=np.float32).reshape(-1, 4),
             masks=np.stack(masks) if masks else np.zeros((0, *shape), dtype=bool),
         )
     concepts = [group([a for a in metadata.annotations if a.prompt_index == j], p.text, p.presence_score)
@@ -132,13 +132,15 @@ def test_run_with_a_visual_manifest_writes_what_transformers_gives_and_fails_bad
     _check_against_oracle(metadata, oracle, Image.open(uris["good"]).convert("RGB"), uris["good"])
 
     [part] = (out / "_jobs").glob("*/parts/*.parquet")
-    rows = pq.read_table(part).to_pylist()
-    assert [(r["prompt"], r["prompt_index"], r["object_index"]) for r in rows] == [
-        ("cat", 0, None), ("a red disc", 1, None), ("exemplar:2", 2, None), ("shape", 3, None),
-        ("object:0", None, 0), ("object:1", None, 1), ("object:2", None, 2),
+    [row] = [r for r in pq.read_table(part).to_pylist() if r["uri"] == metadata.image.uri]
+    assert [p["text"] for p in row["prompts"]] == ["cat", "a red disc", "exemplar:2", "shape"]
+    assert [(i["prompt_index"], i["object_index"]) for i in row["instances"]] == [
+        (a.prompt_index, a.object_index) for a in metadata.annotations
     ]
-    assert json.loads(rows[6]["prompt_geometry"]) == {"points": [[120, 150]], "point_labels": [1],
-                                                      "box": [0, 75, 240, 270]}
+    assert [o["object_index"] for o in row["objects"]] == [0, 1, 2]
+    assert (row["objects"][2]["points"], row["objects"][2]["point_labels"], row["objects"][2]["box"]) == (
+        [[120, 150]], [1], [0, 75, 240, 270]
+    )
 
 
 @pytest.mark.slow

@@ -60,6 +60,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return _to_rgb(_upright(image))
 
 
+def normalise_image(image: Image.Image, *, max_pixels: int) -> Image.Image:
+    """An image already opened (the Python API's PIL input) made what ``decode_image`` returns: upright RGB."""
+    _check_pixel_count(image.size, max_pixels)
+    _load(image)
+    return _to_rgb(_upright(image))
+
+
 def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)

@@ -1,4 +1,4 @@
-"""Masks -> COCO RLE, PNG masks and masked images (as ``apply_mask`` in the hosted SAM 3 image API)."""
+"""Masks -> COCO RLE, PNG masks, and masked images: cut-out, or overlay (as the hosted API's ``apply_mask``)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def rle_area(rle: RLE) -> int:
     return int(mask_utils.area(_to_coco(rle)))
 
 
+def rle_bbox(rle: RLE) -> tuple[float, float, float, float]:
+    """COCO ``bbox`` (x, y, width, height) around the mask: pycocotools ``toBbox``, without decoding."""
+    x, y, width, height = (float(v) for v in mask_utils.toBbox(_to_coco(rle)))
+    return (x, y, width, height)
+
+
 def box_xyxy_to_xywh(
     box_xyxy: Sequence[float] | npt.NDArray[np.floating],
 ) -> tuple[float, float, float, float]:
@@ -86,15 +92,53 @@ def encode_masked_image(
     # Pixels outside the mask are zeroed in both formats, so nothing hidden leaks through the RGB planes.
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     kept = Image.composite(rgb, Image.new("RGB", image.size), alpha)
-    buffer = io.BytesIO()
     if output_format == "png":
         kept.putalpha(alpha)
-        kept.save(buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
+    return _save_rendering(kept, output_format)
+
+
+def _save_rendering(image: Image.Image, output_format: Literal["jpg", "png"]) -> bytes:
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     elif output_format == "jpg":
-        kept.save(buffer, format="JPEG", quality=MASKED_JPEG_QUALITY)
+        image.save(buffer, format="JPEG", quality=MASKED_JPEG_QUALITY)
     else:
         raise ValueError(f"output_format must be 'jpg' or 'png', got {output_format!r}")
     return buffer.getvalue()
+
+
+# Distinct, colour-blind-friendly colours (Okabe-Ito), one per prompt (cycled past eight prompts).
+OVERLAY_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+    (0, 114, 178), (213, 94, 0), (204, 121, 167), (0, 0, 0),
+)
+OVERLAY_ALPHA = 0.5
+
+
+def overlay_colour(prompt_index: int) -> tuple[int, int, int]:
+    """The colour prompt ``prompt_index`` is drawn in."""
+    return OVERLAY_PALETTE[prompt_index % len(OVERLAY_PALETTE)]
+
+
+def encode_overlay_image(
+    image: Image.Image, masks_per_prompt: Sequence[BoolMask], output_format: Literal["jpg", "png"]
+) -> bytes:
+    """The image with each prompt's masks alpha-blended in its colour: ``(1 - a) * pixel + a * colour``.
+
+    Prompts are blended in order (a later prompt lies over an earlier one); instances of one prompt are
+    blended once (their union), so overlapping instances of a prompt do not darken.
+    """
+    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.float32).copy()
+    for prompt_index, masks in enumerate(masks_per_prompt):
+        _check_mask(masks, ndim=3)
+        if masks.shape[1:] != rgb.shape[:2]:
+            raise ValueError(f"masks are {masks.shape[2]}x{masks.shape[1]} (WxH) but the image is "
+                             f"{rgb.shape[1]}x{rgb.shape[0]}")
+        inside = union_of(masks)
+        colour = np.asarray(overlay_colour(prompt_index), dtype=np.float32)
+        rgb[inside] = (1.0 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * colour
+    return _save_rendering(Image.fromarray(np.rint(rgb).astype(np.uint8)), output_format)
 
 
 def _check_mask(mask: npt.NDArray[np.generic], *, ndim: int) -> None:

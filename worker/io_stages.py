@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sam3_batch.contracts.errors import is_transient, reason_of
-from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.layout import OutputLayout
 from sam3_batch.contracts.schemas import ImageMetadata, JobSpec, ObjectPrompt, PromptSpec, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage

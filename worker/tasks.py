@@ -13,12 +13,12 @@ from pydantic import ValidationError
 
 from sam3_batch.contracts.errors import JobCancelledError, is_transient, reason_of
 from sam3_batch.contracts.jobstate import UnknownJobError
+from sam3_batch.contracts.lake import write_chunk_part
 from sam3_batch.contracts.queue import TASK_NAME
 from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import ChunkMessage, ItemOutcome
 from sam3_batch.worker import metrics
 from sam3_batch.worker.celery_app import app
-from sam3_batch.worker.parquet_parts import write_chunk_part
 from sam3_batch.worker.pipeline import ChunkResult, process_chunk
 from sam3_batch.worker.state import WorkerState, worker_state
 
@@ -42,8 +42,8 @@ def _whole_chunk_failed(chunk: ChunkMessage, reason: str) -> ChunkResult:
 
 def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> None:
     # The part must exist before the chunk counts as done: a crash in between redelivers the chunk.
-    output_root = state.spec(chunk.job_id).output_root
-    write_chunk_part(state.chunk_context.storage, output_root, chunk.job_id, chunk.chunk_id, result.metadata)
+    spec = state.spec(chunk.job_id)
+    write_chunk_part(state.chunk_context.storage, spec, chunk.chunk_id, result.outcomes, result.metadata)
     counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
     failed = sum(1 for o in result.outcomes if o.status == "failed")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sam3_batch.contracts.keys import OutputLayout
+from sam3_batch.contracts.layout import OutputLayout
 from sam3_batch.contracts.schemas import (
     Annotation,
+    Category,
     ImageInfo,
     ImageMetadata,
     JobSpec,
@@ -24,11 +26,12 @@ from sam3_batch.contracts.schemas import (
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.encode import (
-    box_xyxy_to_xywh,
     encode_masked_image,
+    encode_overlay_image,
     encode_png_mask,
     encode_rle_batch,
     rle_area,
+    rle_bbox,
     union_of,
 )
 
@@ -72,17 +75,28 @@ def _annotations(job: ImageJob, layout: OutputLayout) -> list[Annotation]:
         rles = encode_rle_batch(found.masks)
         for instance_index, rle in enumerate(rles):
             x0, y0, x1, y1 = (float(v) for v in found.boxes_xyxy[instance_index])
-            box = (x0, y0, x1, y1)
             wants_png = job.spec.outputs.png_masks
             png_key = layout.mask_png_uri(prompt_index, instance_index) if wants_png else None
             annotations.append(
                 Annotation(
-                    id=len(annotations), prompt=found.prompt, prompt_index=prompt_index,
-                    score=float(found.scores[instance_index]), box_xyxy=box,
-                    bbox=box_xyxy_to_xywh(box), area=rle_area(rle), segmentation=rle, mask_png=png_key,
+                    id=len(annotations), category_id=prompt_index + 1, prompt=found.prompt,
+                    prompt_index=prompt_index, score=float(found.scores[instance_index]), bbox=rle_bbox(rle),
+                    pred_box_xyxy=(x0, y0, x1, y1), area=rle_area(rle), segmentation=rle, mask_png=png_key,
                 )
             )
     return annotations + _object_annotations(job, layout, first_id=len(annotations))
+
+
+def _object_category_id(job: ImageJob) -> int:
+    """Object prompts share one category, ``object``, after the concept prompts' categories."""
+    return len(job.detections) + 1
+
+
+def _categories(job: ImageJob) -> list[Category]:
+    categories = [Category(id=index + 1, name=d.prompt) for index, d in enumerate(job.detections)]
+    if job.object_detections:
+        categories.append(Category(id=_object_category_id(job), name="object", supercategory="object"))
+    return categories
 
 
 def _object_annotations(job: ImageJob, layout: OutputLayout, first_id: int) -> list[Annotation]:
@@ -93,10 +107,10 @@ def _object_annotations(job: ImageJob, layout: OutputLayout, first_id: int) -> l
             x0, y0, x1, y1 = (float(v) for v in found.boxes_xyxy[instance_index])
             annotations.append(
                 Annotation(
-                    id=first_id + len(annotations), prompt=found.prompt, prompt_index=None,
-                    object_index=object_index, score=float(found.scores[instance_index]),
-                    box_xyxy=(x0, y0, x1, y1), bbox=box_xyxy_to_xywh((x0, y0, x1, y1)), area=rle_area(rle),
-                    segmentation=rle, mask_png=png_key,
+                    id=first_id + len(annotations), category_id=_object_category_id(job), prompt=found.prompt,
+                    prompt_index=None, object_index=object_index, score=float(found.scores[instance_index]),
+                    bbox=rle_bbox(rle), pred_box_xyxy=(x0, y0, x1, y1), area=rle_area(rle), segmentation=rle,
+                    mask_png=png_key,
                 )
             )
     return annotations
@@ -106,8 +120,8 @@ def _prompt_summary(job: ImageJob, index: int, found: PromptDetections) -> Promp
     prompt = job.prompts[index] if index < len(job.prompts) else found.prompt
     boxes = None if isinstance(prompt, str) else prompt.boxes
     labels = None if isinstance(prompt, str) else prompt.labels
-    return PromptSummary(text=found.prompt, presence_score=found.presence_score, instance_count=len(found),
-                         boxes=boxes or None, box_labels=labels or None)
+    return PromptSummary(category_id=index + 1, text=found.prompt, presence_score=found.presence_score,
+                         instance_count=len(found), boxes=boxes or None, box_labels=labels or None)
 
 
 def _object_summaries(job: ImageJob) -> list[ObjectSummary]:
@@ -131,13 +145,18 @@ def _write_png_masks(job: ImageJob, layout: OutputLayout, storage: Storage) -> N
 def _write_masked_image(job: ImageJob, layout: OutputLayout, storage: Storage) -> str:
     if job.rgb is None:
         raise ValueError("the masked image needs the image's pixels: build the ImageJob with them")
-    width, height = job.size_wh
-    all_masks = [found.masks for found in [*job.detections, *job.object_detections] if len(found)]
-    stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
     fmt = job.spec.outputs.output_format
     uri = layout.masked_image_uri(fmt)
     image = Image.fromarray(job.rgb.numpy())
-    storage.write_bytes(uri, encode_masked_image(image, union_of(stacked), fmt), _CONTENT_TYPES[fmt])
+    if job.spec.outputs.masked_style == "overlay":
+        # One colour per concept prompt, then one per object.
+        data = encode_overlay_image(image, [found.masks for found in [*job.detections, *job.object_detections]], fmt)
+    else:
+        width, height = job.size_wh
+        all_masks = [found.masks for found in [*job.detections, *job.object_detections] if len(found)]
+        stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
+        data = encode_masked_image(image, union_of(stacked), fmt)
+    storage.write_bytes(uri, data, _CONTENT_TYPES[fmt])
     return uri
 
 
@@ -149,8 +168,10 @@ def build_metadata(job: ImageJob, layout: OutputLayout, masked_uri: str | None) 
         image=ImageInfo(uri=job.item.uri, width=job.size_wh[0], height=job.size_wh[1], file_name=name),
         model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision),
         thresholds=job.spec.thresholds,
+        categories=_categories(job),
         prompts=[_prompt_summary(job, index, d) for index, d in enumerate(job.detections)],
         annotations=_annotations(job, layout), objects=_object_summaries(job), masked_image=masked_uri,
+        processed_at=datetime.now(UTC),
         timings_ms=job.timings_ms,
     )
 

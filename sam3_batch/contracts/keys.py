@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sam3_batch.contracts.errors import BadUriError
+from sam3_batch.contracts.layout import JOB_DIR
+from sam3_batch.contracts.layout import OutputLayout as OutputLayout  # re-exported; the home is contracts.layout
+from sam3_batch.contracts.layout import job_dir_uri as job_dir_uri
+from sam3_batch.contracts.layout import join_uri as join_uri
+from sam3_batch.contracts.layout import out_key_of_metadata as out_key_of_metadata
 
-JOB_DIR = "_jobs"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
-METADATA_SUFFIX = ".json"
 _MAX_SEGMENT = 200
-
-
-def join_uri(root: str, key: str) -> str:
-    """``root`` (s3://b/p, file:///p or a path) joined with a relative '/'-separated key."""
-    return f"{root.rstrip('/')}/{key.lstrip('/')}"
 
 
 def _clean_segment(segment: str) -> str:
@@ -58,36 +55,3 @@ def key_from_uri(uri: str) -> str:
     if parts.scheme in ("", "file"):
         return safe_relative_key(parts.path if parts.scheme else uri)
     raise BadUriError(f"unsupported URI scheme {parts.scheme!r} in {uri!r}")
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    """Where everything for one image goes under the output root."""
-
-    output_root: str
-    out_key: str
-
-    @property
-    def metadata_uri(self) -> str:
-        return join_uri(self.output_root, self.out_key + METADATA_SUFFIX)
-
-    def mask_png_uri(self, prompt_index: int, instance_index: int) -> str:
-        return join_uri(self.output_root, f"{self.out_key}.masks/p{prompt_index:02d}_i{instance_index:03d}.png")
-
-    def object_png_uri(self, object_index: int) -> str:
-        return join_uri(self.output_root, f"{self.out_key}.masks/o{object_index:03d}.png")
-
-    def masked_image_uri(self, output_format: str) -> str:
-        return join_uri(self.output_root, f"{self.out_key}.masked.{output_format}")
-
-
-def job_dir_uri(output_root: str, job_id: str) -> str:
-    """The folder under the output root that holds a job's report and index parts."""
-    return join_uri(output_root, f"{JOB_DIR}/{job_id}")
-
-
-def out_key_of_metadata(relative_key: str) -> str | None:
-    """Inverse of ``OutputLayout.metadata_uri`` for a listed relative key; None for other objects."""
-    if relative_key.startswith(JOB_DIR + "/") or not relative_key.endswith(METADATA_SUFFIX):
-        return None
-    return relative_key[: -len(METADATA_SUFFIX)]

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from importlib import metadata
 
 from sam3_batch.contracts.jobstate import JobStore
-from sam3_batch.contracts.keys import job_dir_uri, join_uri
-from sam3_batch.contracts.schemas import JobReport, ModelInfo
+from sam3_batch.contracts.layout import report_uri as report_uri
+from sam3_batch.contracts.schemas import IndexInfo, JobReport, ModelInfo
 from sam3_batch.contracts.storage import Storage
 
 REPORT_FAILURE_LIMIT = 100_000
+_SOFTWARE = ("sam3-batch", "torch", "transformers")
+log = logging.getLogger(__name__)
 
 
-def report_uri(output_root: str, job_id: str) -> str:
-    """Where a job's report lives."""
-    return join_uri(job_dir_uri(output_root, job_id), "report.json")
+def software_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape the outputs (read from metadata: nothing is imported)."""
+    found: dict[str, str] = {}
+    for name in _SOFTWARE:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
-def build_report(store: JobStore, job_id: str) -> JobReport:
-    """A snapshot of the job: counts, failures with reasons, throughput, model, GPU-seconds."""
+def build_report(store: JobStore, job_id: str, index: IndexInfo | None = None,
+                 model_commit: str | None = None) -> JobReport:
+    """A snapshot of the job: counts, failures with reasons, throughput, model, GPU-seconds, options."""
     spec = store.spec(job_id)
     counters = store.counters(job_id)
     stats = store.stats(job_id)
@@ -28,25 +39,43 @@ def build_report(store: JobStore, job_id: str) -> JobReport:
     state = "cancelled" if store.is_cancelled(job_id) else ("complete" if counters.complete else "running")
     return JobReport(
         job_id=job_id, state=state, counters=counters,
-        model=ModelInfo(id=spec.model_id, revision=spec.model_revision),
+        model=ModelInfo(id=spec.model_id, revision=spec.model_revision, commit=model_commit),
         prompts=list(spec.prompts), output_root=spec.output_root, source=spec.source,
         started_at=started, finished_at=finished, wall_seconds=wall,
         images_per_second=(counters.done + counters.failed) / wall,
         gpu_seconds=stats.get("gpu_seconds", 0.0),
         failures=store.failures(job_id, limit=REPORT_FAILURE_LIMIT),
+        instances=index.instances if index else None, thresholds=spec.thresholds, outputs=spec.outputs,
+        model_commit=model_commit, software=software_versions(), index=index,
     )
 
 
-def write_report(store: JobStore, storage: Storage, job_id: str) -> JobReport:
+def write_report(store: JobStore, storage: Storage, job_id: str, index: IndexInfo | None = None,
+                 model_commit: str | None = None) -> JobReport:
     """Build the report and write it under the job's folder in the output root."""
-    report = build_report(store, job_id)
+    report = build_report(store, job_id, index, model_commit)
     data = report.model_dump_json(indent=2).encode()
     storage.write_bytes(report_uri(report.output_root, job_id), data, "application/json")
     return report
 
 
+def _compact(storage: Storage, output_root: str, job_id: str) -> tuple[IndexInfo | None, str | None]:
+    """The job's index, compacted now; (None, None) if that fails (the report is written regardless)."""
+    from sam3_batch.contracts.lake_index import compact_index  # pyarrow: only when a job ends
+
+    try:
+        summary = compact_index(storage, output_root, job_id)
+    except Exception as exc:  # the report matters more than the index, which `sam3-batch index` can redo
+        log.warning("job %s: the Parquet index could not be compacted: %s", job_id, exc)
+        return None, None
+    commit = summary.model_commits[0] if len(summary.model_commits) == 1 else None
+    info = IndexInfo(dir=summary.index_dir, files=summary.uris, images=summary.images, instances=summary.instances)
+    return info, commit
+
+
 def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobReport | None:
-    """Write the report exactly once, by whichever caller first sees the job complete."""
+    """Compact the index and write the report exactly once, by whichever caller first sees the job complete."""
     if not store.counters(job_id).complete or not store.claim_report(job_id):
         return None
-    return write_report(store, storage, job_id)
+    index, commit = _compact(storage, store.spec(job_id).output_root, job_id)
+    return write_report(store, storage, job_id, index, commit)

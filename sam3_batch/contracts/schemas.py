@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bbox is the mask's box, pred_box_xyxy the detector's; category_id, categories
 MAX_PROMPT_CHARS = 256
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -27,7 +28,10 @@ class OutputOptions(_Strict):
     """What to write per image besides the metadata JSON (which always carries COCO RLE masks)."""
 
     png_masks: bool = False
-    masked_image: bool = False  # as ``apply_mask`` in the hosted SAM 3 image API
+    masked_image: bool = False
+    # overlay: masks drawn on the image, a colour per prompt (as ``apply_mask`` in the hosted SAM 3 image API);
+    # cutout: only the masked pixels (transparent, or black in jpg, elsewhere)
+    masked_style: Literal["overlay", "cutout"] = "cutout"
     output_format: Literal["jpg", "png"] = "png"
 
 
@@ -210,24 +214,35 @@ class RLE(_Strict):
 
 
 class Annotation(_Strict):
-    """One instance, SA-1B / COCO style (``bbox`` is xywh; ``box_xyxy`` is given too).
+    """One instance, COCO / SA-1B style: ``bbox`` (x, y, w, h) is the box around the mask (pycocotools
+    ``toBbox`` of ``segmentation``); ``pred_box_xyxy`` is the detector's own box (x0, y0, x1, y1).
 
-    A concept prompt's instance has ``prompt_index``; an object prompt's mask has ``object_index`` instead.
-    """
+    A concept prompt's instance has ``prompt_index``; an object prompt's mask has ``object_index`` instead
+    (and the category ``object``, listed after the prompts' categories)."""
 
-    id: int
+    id: int  # 0.. within the image, in the order of ``annotations``
+    category_id: int  # prompt_index + 1, as in ``categories``
     prompt: str
     prompt_index: int | None
     score: float
-    box_xyxy: tuple[float, float, float, float]
     bbox: tuple[float, float, float, float]
+    pred_box_xyxy: tuple[float, float, float, float]
     area: int
     segmentation: RLE
     mask_png: str | None = None
     object_index: int | None = None
 
 
+class Category(_Strict):
+    """A COCO category: one per prompt of the image, ``id`` = prompt index + 1."""
+
+    id: int
+    name: str
+    supercategory: str = "prompt"
+
+
 class PromptSummary(_Strict):
+    category_id: int
     text: str
     presence_score: float | None
     instance_count: int
@@ -255,6 +270,7 @@ class ImageInfo(_Strict):
 class ModelInfo(_Strict):
     id: str
     revision: str | None
+    commit: str | None = None  # the resolved commit, where the runtime knows it
 
 
 class ImageMetadata(_Strict):
@@ -266,10 +282,12 @@ class ImageMetadata(_Strict):
     image: ImageInfo
     model: ModelInfo
     thresholds: Thresholds
+    categories: list[Category]
     prompts: list[PromptSummary]
     annotations: list[Annotation]
     objects: list[ObjectSummary] = Field(default_factory=list)
     masked_image: str | None = None
+    processed_at: datetime  # UTC, when the outputs were written
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
 
@@ -308,8 +326,17 @@ class Failure(_Strict):
     out_key: str | None = None
 
 
+class IndexInfo(_Strict):
+    """Where the job's compacted Parquet index is (written automatically when the job completes)."""
+
+    dir: str
+    files: list[str]
+    images: int
+    instances: int
+
+
 class JobReport(_Strict):
-    """Written to ``<output_root>/_job/<job_id>/report.json`` when the job ends."""
+    """Written to ``<output_root>/_jobs/<job_id>/report.json`` when the job ends."""
 
     job_id: str
     state: Literal["complete", "cancelled", "running"]
@@ -324,3 +351,9 @@ class JobReport(_Strict):
     images_per_second: float
     gpu_seconds: float
     failures: list[Failure]
+    instances: int | None = None  # from the index; None when no index was written
+    thresholds: Thresholds | None = None
+    outputs: OutputOptions | None = None
+    model_commit: str | None = None  # the resolved commit the outputs name, where known
+    software: dict[str, str] = Field(default_factory=dict)  # sam3-batch, torch, transformers versions
+    index: IndexInfo | None = None
