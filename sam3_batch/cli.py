@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
@@ -200,6 +201,29 @@ def index_cmd(job_id: str,
               f"from {summary.parts_read} parts -> {summary.files_written} files", markup=False, highlight=False)
     for uri in summary.uris:
         out.print(f"  {uri}", markup=False, highlight=False)
+
+
+@app.command("dev-stack")
+def dev_stack(action: Annotated[str, typer.Argument(help="start, stop (a detached stack) or env.")] = "start",
+              state_dir: Annotated[Path | None, typer.Option("--dir", help="Data, logs and state "
+                                                              "[default: ~/.sam3-batch/dev-stack].")] = None,
+              detach: Annotated[bool, typer.Option(help="Run in the background; stop with `dev-stack stop`.")] = False,
+              redis_port: Annotated[int, typer.Option(help="Redis port (for a new --dir).")] = 6380,
+              s3_port: Annotated[int, typer.Option(help="S3 port (for a new --dir).")] = 8333,
+              bucket: Annotated[str, typer.Option(help="Bucket to create.")] = "sam3") -> None:
+    """Run Redis + SeaweedFS (S3) on this machine, no Docker, and print the env vars for distributed mode."""
+    from sam3_batch import devstack
+
+    folder = state_dir or devstack.DEFAULT_DIR
+    if action == "start":
+        code = devstack.run(devstack.Options(folder, redis_port, s3_port, bucket), detach=detach)
+    elif action == "stop":
+        code = devstack.stop(folder)
+    elif action == "env":
+        code = devstack.show_exports(folder)
+    else:
+        raise typer.BadParameter(f"unknown action {action!r}: start, stop or env")
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import sysconfig
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from sam3_batch.contracts.errors import Sam3BatchError
@@ -110,7 +110,7 @@ class WeedPorts:
 
 def _answers(url: str, accept: Callable[[bytes], bool] = lambda _: True) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 -- our own loopback http URL
+        with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200 and accept(response.read())
     except OSError:
         return False
@@ -189,6 +189,9 @@ class SeaweedFS:
             self.process.wait()
         self.process = None
 
-    def ports_dict(self) -> dict[str, int]:
-        """The ports, by name (for a state file)."""
-        return asdict(self.ports)
+    @property
+    def pid(self) -> int:
+        """The ``weed`` process id; raises when it was not started."""
+        if self.process is None:
+            raise LocalServiceError("SeaweedFS is not running")
+        return self.process.pid
