@@ -234,5 +234,6 @@ def main() -> None:
         console.print(f"[red]unknown job {exc.args[0]}")
         raise SystemExit(1) from None
     except Sam3BatchError as exc:
-        console.print(f"[red]{exc}")
+        # One line, as text: messages carry user data (paths, URIs) that must not wrap or read as markup.
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
         raise SystemExit(1) from None

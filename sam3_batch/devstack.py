@@ -89,6 +89,8 @@ def load_or_create_config(options: Options) -> StackConfig:
 
 def _check_port_free(port: int, flag: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers themselves bind: connections of a stopped server in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -109,8 +111,9 @@ class RedisProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                    "--appendonly", "yes", "--save", "", "--logfile", str(self.data_dir / "redis.log")]
+        # No inherited stdout/stderr: a detached server must not hold the caller's pipes open.
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        start_new_session=detach)
+                                        stderr=subprocess.DEVNULL, start_new_session=detach)
         if not wait_until(self.ping, lambda: self.process is not None and self.process.poll() is None, 10.0):
             self.stop()
             raise LocalServiceError(f"redis-server did not answer on port {self.port}; see {self.data_dir}")
