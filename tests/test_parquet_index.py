@@ -282,7 +282,7 @@ def test_chunk_id_that_is_not_a_plain_name_stays_inside_the_parts_folder(
     assert not (tmp_path / "escape").exists() and Path(uri).is_file()
 
 
-# --- distributed run: real worker, moto S3, the CLI ---------------------------------------------------------
+# --- distributed run: real worker, SeaweedFS, the CLI -------------------------------------------------------
 
 
 def _s3_objects(s3_client: Any, bucket: str, prefix: str) -> Iterable[str]:
