@@ -15,6 +15,7 @@ from sam3_batch.contracts.jobstate import RedisJobStore, UnknownJobError
 from sam3_batch.contracts.redact import register_secret
 from sam3_batch.contracts.schemas import OutputOptions, Thresholds
 from sam3_batch.contracts.settings import Settings
+from sam3_batch.extras import require_worker_extra
 from sam3_batch.logs import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -121,6 +122,7 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default), solo or pr
            loglevel: Annotated[str, typer.Option()] = "INFO",
            hostname: Annotated[str | None, typer.Option()] = None) -> None:
     """Start a Celery worker holding one resident SAM 3 model (one per GPU)."""
+    require_worker_extra()  # the GPU stack is an install extra: say so in one line, not an ImportError
     from sam3_batch.worker_cmd import start_worker
 
     start_worker(_settings(), pool=pool, concurrency=concurrency, loglevel=loglevel, hostname=hostname)
@@ -234,6 +236,5 @@ def main() -> None:
         console.print(f"[red]unknown job {exc.args[0]}")
         raise SystemExit(1) from None
     except Sam3BatchError as exc:
-        # One line, as text: messages carry user data (paths, URIs) that must not wrap or read as markup.
-        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
+        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)  # text, not markup
         raise SystemExit(1) from None

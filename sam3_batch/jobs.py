@@ -14,7 +14,7 @@ from sam3_batch.contracts.report import build_report, finalize_if_complete
 from sam3_batch.contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.embedded import InlineDispatcher
+from sam3_batch.extras import require_worker_extra
 from sam3_batch.producer.backpressure import Backpressure, QueueDepth
 from sam3_batch.producer.dispatch import CeleryDispatcher
 from sam3_batch.producer.sources import Source, open_source
@@ -46,6 +46,8 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
 
 def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
+    require_worker_extra()  # before the imports below: one readable line, not an ImportError
+    from sam3_batch.embedded import InlineDispatcher
     from sam3_batch.worker.pipeline import ChunkContext
     from sam3_batch.worker.state import load_runtime
 

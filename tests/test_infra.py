@@ -7,10 +7,13 @@ KEDA would, and check the values that have to line up across them.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
+from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from kombu.transport.redis import Channel
+from packaging.requirements import Requirement
 
 from sam3_batch.contracts.settings import ENV_PREFIX, Settings
 
@@ -28,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 MULTI_GPU_FILE = REPO / "infra" / "compose.multi-gpu.yml"
 DOCKERFILE = REPO / "infra" / "worker.Dockerfile"
+CONTROL_DOCKERFILE = REPO / "infra" / "control.Dockerfile"
+LOCKS = {DOCKERFILE: REPO / "infra" / "requirements" / "worker.lock",
+         CONTROL_DOCKERFILE: REPO / "infra" / "requirements" / "control.lock"}
+TORCH_INDEX = "https://download.pytorch.org/whl/"
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 K8S_DIR = REPO / "infra" / "k8s"
 # Older than most clusters run, so the manifests use no newer field; strict mode rejects any field
 # that version does not know.
@@ -435,20 +444,35 @@ def test_compose_flower_is_optional_and_pointed_at_the_broker() -> None:
     assert flower["entrypoint"][-1] == "celery" and flower["command"][0] == "flower"
     broker = compose_environment(services["worker"])["SAM3_BATCH_BROKER_URL"]
     assert compose_environment(flower)["CELERY_BROKER_URL"] == broker
-    assert "flower" in project_extras_built_into_image()
+    assert "flower" in lock_pins(LOCKS[CONTROL_DOCKERFILE])
+
+
+def test_compose_runs_the_producer_flower_and_bucket_set_up_from_the_torch_free_control_image() -> None:
+    services = compose_services()
+    for name in ("producer", "flower", "create-bucket"):
+        build = services[name]["build"]
+        assert (REPO / build["context"] / build["dockerfile"]).resolve() == CONTROL_DOCKERFILE, name
+    assert services["producer"]["image"] != services["worker"]["image"]
+
+
+def test_compose_and_kubernetes_workers_refuse_to_start_without_a_gpu() -> None:
+    assert compose_environment(compose_services()["worker"])["SAM3_BATCH_REQUIRE_GPU"] == "true"
+    assert env_value(worker_container(), "SAM3_BATCH_REQUIRE_GPU") == "true"
+    # The settings parse them as a real boolean (pydantic-settings would ignore an unknown name).
+    assert Settings(require_gpu=env_value(worker_container(), "SAM3_BATCH_REQUIRE_GPU")).require_gpu is True
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------------------
 
 
 @functools.cache
-def dockerfile_commands() -> tuple[Any, ...]:
-    return tuple(dockerfile.parse_file(str(DOCKERFILE)))
+def dockerfile_commands(path: Path = DOCKERFILE) -> tuple[Any, ...]:
+    return tuple(dockerfile.parse_file(str(path)))
 
 
-def final_stage() -> list[Any]:
+def final_stage(path: Path = DOCKERFILE) -> list[Any]:
     """Instructions after the last FROM (the image that runs)."""
-    commands = list(dockerfile_commands())
+    commands = list(dockerfile_commands(path))
     last_from = max(i for i, c in enumerate(commands) if c.cmd == "FROM")
     return commands[last_from + 1 :]
 
@@ -461,13 +485,28 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
-def project_extras_built_into_image() -> set[str]:
-    arg = next(c for c in dockerfile_commands() if c.cmd == "ARG" and c.value[0].startswith("EXTRAS="))
-    return set(arg.value[0].split("=", 1)[1].split(","))
+def dockerfile_args(path: Path = DOCKERFILE) -> dict[str, str]:
+    """Build arguments and their defaults."""
+    return dict(c.value[0].split("=", 1) for c in dockerfile_commands(path) if c.cmd == "ARG" and "=" in c.value[0])
 
 
-def test_dockerfile_runs_as_the_non_root_numeric_user_the_pods_expect() -> None:
-    users = [c.value[0] for c in final_stage() if c.cmd == "USER"]
+def run_commands(path: Path) -> list[str]:
+    return [" ".join(c.value) for c in dockerfile_commands(path) if c.cmd == "RUN"]
+
+
+def lock_pins(lock: Path) -> dict[str, str]:
+    """Name -> exact version of every requirement in a lock file."""
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", lock.read_text(encoding="utf-8"), re.MULTILINE)
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins}
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~;\s]", req, maxsplit=1)[0]).lower() for req in requirements}
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, CONTROL_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_runs_as_the_non_root_numeric_user_the_pods_expect(path: Path) -> None:
+    users = [c.value[0] for c in final_stage(path) if c.cmd == "USER"]
     assert users, "the image would run as root"
     uid = int(users[-1].split(":")[0])  # numeric, so runAsNonRoot can check it without /etc/passwd
     assert uid == IMAGE_USER_ID != 0
@@ -481,14 +520,136 @@ def test_dockerfile_puts_hf_home_on_a_volume() -> None:
     assert hf_home in volumes
 
 
-def test_dockerfile_copies_every_package_the_project_installs() -> None:
+@pytest.mark.parametrize("path", [DOCKERFILE, CONTROL_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_copies_every_package_the_project_installs_and_its_lock(path: Path) -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    copied = {c.value[0] for c in dockerfile_commands() if c.cmd == "COPY" and not c.flags}
-    allowed = (REPO / "infra" / "worker.Dockerfile.dockerignore").read_text(encoding="utf-8").split()
+    # sam3_batch/worker and sam3_batch/producer are links to the top-level folders: those must come too.
+    packages |= {p.name for p in (REPO / "sam3_batch").iterdir() if p.is_symlink()}
+    copied = {source for c in dockerfile_commands(path) if c.cmd == "COPY" and not c.flags for source in c.value[:-1]}
+    allowed = set(path.with_name(path.name + ".dockerignore").read_text(encoding="utf-8").split())
     assert packages <= copied
-    assert {f"!{p}/" for p in packages} <= set(allowed)
-    assert project_extras_built_into_image() <= set(pyproject["project"]["optional-dependencies"])
+    assert {f"!{p}/" for p in packages} <= allowed
+    lock = str(LOCKS[path].relative_to(REPO))
+    assert lock in copied and f"!{lock}" in allowed
+
+
+# --- reproducible images ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, CONTROL_DOCKERFILE], ids=lambda p: p.name)
+def test_each_image_installs_its_dependencies_from_its_hashed_lock_only(path: Path) -> None:
+    lock = LOCKS[path]
+    locked = f"-r {lock.relative_to(REPO)}"
+    installs = [run for run in run_commands(path) if locked in run]
+    assert len(installs) == 1, f"{path.name} does not install {locked}"
+    for flag in ("--require-hashes", "--no-deps", "--only-binary :all:"):
+        assert flag in installs[0], flag
+    # Every requirement is pinned exactly and carries a hash (pip --require-hashes enforces it at build time).
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text(encoding="utf-8").split("\n# The following")[0])
+    requirements = [e for e in entries if e and not e.startswith("#")]
+    assert requirements and all("==" in e and "--hash=sha256:" in e for e in requirements)
+    # The project itself: no dependency resolution, and the build backend is the locked one.
+    project = [run for run in run_commands(path) if "pip install --no-deps --no-build-isolation ." in run]
+    assert len(project) == 1 and "pip check" in project[0]
+    assert "setuptools" in lock_pins(lock)
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, CONTROL_DOCKERFILE], ids=lambda p: p.name)
+def test_no_image_lets_a_second_index_serve_every_dependency(path: Path) -> None:
+    instructions = " ".join(" ".join(c.value) for c in dockerfile_commands(path))  # comments left out
+    assert "extra-index-url" not in instructions.lower() and "--find-links" not in instructions
+    assert not {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"} & set(instructions.split())
+    for run in run_commands(path):
+        if "--index-url" not in run:
+            continue
+        # The one other index: the PyTorch one, for exactly torch and torchvision of one CUDA build.
+        assert path == DOCKERFILE
+        assert f'--index-url "{TORCH_INDEX}${{TORCH_CUDA}}"' in run
+        installed = re.findall(r'"([a-z]+)==([^"]+)"', run)
+        assert installed == [("torch", "${TORCH_VERSION}+${TORCH_CUDA}"),
+                             ("torchvision", "${TORCHVISION_VERSION}+${TORCH_CUDA}")]
+
+
+def test_worker_image_pins_one_cuda_build_and_asserts_it_at_build_time() -> None:
+    args = dockerfile_args()
+    cuda = args["TORCH_CUDA_VERSION"]
+    assert args["TORCH_CUDA"] == "cu" + cuda.replace(".", "")
+    assert args["BASE_IMAGE"].startswith(f"nvidia/cuda:{cuda}.")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    worker_extra = dict(re.match(r"([a-z]+)\S*<=(\S+)", req).groups()  # type: ignore[union-attr]
+                        for req in pyproject["project"]["optional-dependencies"]["worker"] if "<=" in req)
+    assert (args["TORCH_VERSION"], args["TORCHVISION_VERSION"]) == (worker_extra["torch"], worker_extra["torchvision"])
+    runs = run_commands(DOCKERFILE)
+    verify = next(run for run in runs if "check_torch_build.py verify" in run)
+    assert '--cuda "${TORCH_CUDA_VERSION}"' in verify
+    assert any("torch.version.cuda == '${TORCH_CUDA_VERSION}'" in run for run in runs)
+    # The driver the header and docs/deploy.md promise is the one this CUDA build needs (12.8: >= 570).
+    header = DOCKERFILE.read_text(encoding="utf-8")
+    assert f"CUDA {cuda} needs an NVIDIA driver >= 570" in header and cuda == "12.8"
+    assert re.search(r"\| host NVIDIA driver \| 570 or newer, for the default CUDA 12\.8 image",
+                     (REPO / "docs" / "deploy.md").read_text(encoding="utf-8"))
+
+
+def test_locks_cover_pyproject_and_keep_the_gpu_stack_where_it_belongs() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    base = requirement_names(pyproject["dependencies"])
+    extras = {name: requirement_names(reqs) for name, reqs in pyproject["optional-dependencies"].items()}
+    worker, control = lock_pins(LOCKS[DOCKERFILE]), lock_pins(LOCKS[CONTROL_DOCKERFILE])
+    from_torch_index = re.compile(r"torch|torchvision|triton|nvidia-.*|cuda-.*")
+    assert base <= set(worker) and base <= set(control)
+    assert extras["worker"] - {"torch", "torchvision"} <= set(worker)
+    assert extras["flower"] <= set(control)
+    assert not [name for name in worker if from_torch_index.fullmatch(name)], "left to the PyTorch index step"
+    assert not (extras["worker"] | {"transformers", "triton"}) & set(control), "the control image has no GPU stack"
+    # Every locked version satisfies pyproject's range: a changed range without `bash infra/lock.sh` fails here.
+    for lock, requirements in ((worker, [*pyproject["dependencies"], *pyproject["optional-dependencies"]["worker"]]),
+                               (control, [*pyproject["dependencies"], *pyproject["optional-dependencies"]["flower"]])):
+        for requirement in map(Requirement, requirements):
+            name = requirement.name.lower()
+            if name in lock:
+                assert requirement.specifier.contains(lock[name], prereleases=True), (str(requirement), lock[name])
+
+
+def test_torch_build_check_accepts_this_environment_and_rejects_another_cuda_build_or_a_foreign_package(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    script, snapshot = REPO / "infra" / "check_torch_build.py", tmp_path / "before.json"
+    subprocess.run([sys.executable, str(script), "snapshot", str(snapshot)], check=True, timeout=60)
+    versions = ["--torch", metadata.version("torch"), "--torchvision", metadata.version("torchvision")]
+
+    def verify(before: Path, cuda: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), "verify", str(before), *versions, "--cuda", cuda],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    built_for = torch.version.cuda or "none"
+    assert verify(snapshot, built_for).returncode == 0
+    wrong = verify(snapshot, "11.0")
+    assert wrong.returncode == 1 and f"torch is built for CUDA {built_for}, expected 11.0" in wrong.stderr
+    earlier = json.loads(snapshot.read_text())
+    earlier["sympy"] = "0.1"  # as if the PyTorch index step had replaced the locked sympy
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(earlier))
+    foreign = verify(changed, built_for)
+    assert foreign.returncode == 1 and "installed other packages: sympy==" in foreign.stderr
+
+
+def test_kustomize_renders_every_image_pinned_by_digest_and_the_producer_job_uses_the_same() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl (with its built-in kustomize) is needed to render infra/k8s")
+    rendered = subprocess.run([kubectl, "kustomize", str(K8S_DIR)], capture_output=True, text=True, check=True,
+                              timeout=60).stdout
+    images = re.findall(r"^\s+image: (\S+)$", rendered, re.MULTILINE)
+    assert len(images) >= 2
+    for image in images:
+        assert DIGEST.fullmatch(image.rsplit("@", 1)[-1]), f"{image} is not pinned by digest"
+    pinned = {entry["name"]: entry["digest"] for entry in load_documents(K8S_DIR / "kustomization.yaml")[0]["images"]}
+    producer_image = container(only("Job")["spec"]["template"]["spec"], "producer")["image"]
+    name, digest = producer_image.split("@")
+    assert pinned[name] == digest and DIGEST.fullmatch(digest)
 
 
 def test_dockerfile_starts_the_worker_under_an_init_that_forwards_sigterm() -> None:

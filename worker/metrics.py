@@ -16,6 +16,9 @@ BATCH_SIZE = Histogram("sam3_batch_size", "Images per model batch", buckets=(1, 
 CHUNKS = Counter("sam3_chunks_total", "Chunks handled, by result", ["result"])
 MODEL_LOAD_SECONDS = Gauge("sam3_model_load_seconds", "Time the resident model took to load")
 GPU_MEMORY_BYTES = Gauge("sam3_gpu_memory_bytes", "GPU memory", ["kind"])
+DEVICE_FALLBACK_CPU = Gauge(
+    "sam3_device_fallback_cpu", "1 when device=auto fell back to the CPU on a machine that shows an NVIDIA GPU"
+)
 
 
 def serve(port: int) -> None:

@@ -21,8 +21,10 @@ def load_runtime(settings: Settings) -> SegmentationRuntime:
     """Load the resident SAM 3 model named by settings (``tiny-random`` builds one offline)."""
     from transformers.utils import logging as hf_logging
 
+    from sam3_batch.worker.device_check import check_device
     from sam3_batch.worker.runtime import Sam3Runtime
 
+    check_device(settings)  # before the load: a worker that must not run on the CPU stops at once
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # progress bars are log noise
     start = time.perf_counter()
     runtime = Sam3Runtime.load(

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "SAM3_BATCH_"
+_NOT_PREFIXED = {"aws_secret_access_key", "nvidia_visible_devices"}
 
 
 class Settings(BaseSettings):
@@ -46,6 +47,7 @@ class Settings(BaseSettings):
     model: str = "facebook/sam3"
     model_revision: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    require_gpu: bool = False  # refuse to start when no GPU is usable (set in the worker images' deployments)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=0)  # images per model batch; 0: automatic (from free GPU memory)
     compile: bool = False
@@ -61,6 +63,8 @@ class Settings(BaseSettings):
 
     # Read only so that redact() can mask it wherever it might appear; boto3 reads AWS_* itself.
     aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    # Set by the NVIDIA container runtime (and by users): a sign that this machine is meant to have a GPU.
+    nvidia_visible_devices: str | None = Field(None, validation_alias="NVIDIA_VISIBLE_DEVICES")
 
     def secrets(self) -> list[str]:
         """Every secret value these settings know of (URL passwords, the AWS secret key)."""
@@ -73,7 +77,7 @@ class Settings(BaseSettings):
         """These settings as ``SAM3_BATCH_*`` variables, to start another process with exactly them."""
         env: dict[str, str] = {}
         for name, value in self.model_dump().items():
-            if value is None or name == "aws_secret_access_key":  # boto3 reads AWS_* itself
+            if value is None or name in _NOT_PREFIXED:  # read under their own names (boto3, NVIDIA runtime)
                 continue
             raw = value.get_secret_value() if isinstance(value, SecretStr) else value
             env[f"{ENV_PREFIX}{name.upper()}"] = str(raw).lower() if isinstance(raw, bool) else str(raw)
