@@ -1,4 +1,4 @@
-"""Shared pieces of the model benchmarks: the bench-sized model, synthetic photos, services (Redis, a moto
+"""Shared pieces of the model benchmarks: the bench-sized model, synthetic photos, services (Redis, a SeaweedFS
 S3 server process, a real worker process), the worker's stage timings, and timing/printing helpers."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.redis_probe import PrivateRedis
 from sam3_batch.contracts.queue import make_celery
 from sam3_batch.contracts.settings import ENV_PREFIX, Settings
+from sam3_batch.seaweedfs import SeaweedFS
 from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
 from sam3_batch.worker.tiny_model import TRACKER_SUBDIR, build_checkpoint
 
@@ -123,7 +125,7 @@ def free_port() -> int:
 
 
 def use_fake_aws_credentials() -> None:
-    """This process and its children talk to the moto server with fake credentials."""
+    """This process and its children sign S3 requests with the bench's key pair (the S3 server's identity)."""
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         os.environ.pop(name, None)
     os.environ.update(AWS_ENV)
@@ -137,27 +139,16 @@ class Service:
 
 
 @contextmanager
-def moto_server(log_path: Path) -> Iterator[Service]:
-    """moto's S3 server in a process of its own (so its CPU is not the bench's and can be counted)."""
-    port = free_port()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def s3_server(work_dir: Path) -> Iterator[Service]:
+    """A fresh SeaweedFS S3 server (``weed mini``, one process of its own, so its CPU can be counted)."""
+    data_dir = work_dir / "seaweedfs"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    server = SeaweedFS(data_dir, AWS_ENV["AWS_ACCESS_KEY_ID"], AWS_ENV["AWS_SECRET_ACCESS_KEY"])
+    server.start()
     try:
-        wait_for(lambda: _answers(url), 30, "the moto server to answer")
-        yield Service(url, process.pid)
+        yield Service(server.endpoint_url, server.pid)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/moto-api/", timeout=1):
-            return True
-    except OSError:
-        return False
+        server.stop(grace_s=5)
 
 
 @contextmanager

@@ -3,7 +3,7 @@
     python -m bench.pipeline_efficiency                # 192 images, chunks 8/32/128, 2 pools, 2 io modes: ~8 min
     python -m bench.pipeline_efficiency --chunk-sizes 32 --io-modes processes   # the defaults and solo: ~3 min
 
-Everything runs on one set of JPEG photos in a moto S3 server (its own process) and one private Redis:
+Everything runs on one set of JPEG photos in a SeaweedFS S3 server (its own process) and one private Redis:
 
   1. pipeline efficiency: a real worker (``python -m sam3_batch worker``) and a real ``submit`` of the S3
      prefix; timed from the submit call until the job's counters say complete (listing, queueing,
@@ -56,12 +56,12 @@ from bench.common import (
     free_port,
     load_runtime,
     machine_line,
-    moto_server,
     parse_size,
     photo_jpegs,
     prepare_all,
     process_cpu_seconds,
     redis_server,
+    s3_server,
     stage_diff,
     table,
     tree_cpu_seconds,
@@ -172,7 +172,7 @@ class RunFigures:
     worker_peak_rss_mb: float
     stage_pss_mb: float  # the worker's stage processes (and their forkserver) at the end of the run
     ceiling: Ceiling
-    cpu_ms: dict[str, float]  # per image, by process: worker (+ its stage processes), moto, bench (submit + polling)
+    cpu_ms: dict[str, float]  # per image, by process: worker (+ its stage processes), s3, bench (submit + polling)
 
     @property
     def label(self) -> str:
@@ -422,7 +422,7 @@ def pss_mb(pids: list[int]) -> float:
 
 
 def end_to_end(config: Config, settings: Settings, runtime: Sam3Runtime, sample: list[PreparedImage],
-               moto_pid: int, io_mode: str, pool: str, concurrency: int) -> list[RunFigures]:
+               s3_pid: int, io_mode: str, pool: str, concurrency: int) -> list[RunFigures]:
     """One worker with this pool; a warm-up job, then the timed job at each chunk size, each right after
     a ceiling measurement on ``sample`` (the worker idles meanwhile), so machine noise hits both alike."""
     log = config.work_dir / f"worker-{io_mode}-{pool}{concurrency}.log"
@@ -436,9 +436,9 @@ def end_to_end(config: Config, settings: Settings, runtime: Sam3Runtime, sample:
         for chunk_size in config.chunk_sizes:
             ceiling = measure_ceiling(runtime, sample, config)
             out = f"s3://{BUCKET}/out-{io_mode}-{pool}{concurrency}-c{chunk_size}/"
-            pids = {"worker": worker.process.pid, "moto": moto_pid, "bench": os.getpid()}
-            # The worker with its stage processes; moto and this process alone (the others are our children).
-            cpu_of = {"worker": tree_cpu_seconds, "moto": process_cpu_seconds, "bench": process_cpu_seconds}
+            pids = {"worker": worker.process.pid, "s3": s3_pid, "bench": os.getpid()}
+            # The worker with its stage processes; S3 and this process alone (the others are our children).
+            cpu_of = {"worker": tree_cpu_seconds, "s3": process_cpu_seconds, "bench": process_cpu_seconds}
             cpu_before = {name: cpu_of[name](pid) for name, pid in pids.items()}
             wall, stages = run_job(settings, worker, f"s3://{BUCKET}/in/", out, chunk_size, config.images,
                                    config.threshold)
@@ -458,8 +458,8 @@ def end_to_end(config: Config, settings: Settings, runtime: Sam3Runtime, sample:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def measure(config: Config, checkpoint: Path, redis_url: str, moto: Service) -> Figures:
-    settings = bench_settings(config, redis_url, moto.url, model=str(checkpoint), metrics_port=free_port())
+def measure(config: Config, checkpoint: Path, redis_url: str, s3: Service) -> Figures:
+    settings = bench_settings(config, redis_url, s3.url, model=str(checkpoint), metrics_port=free_port())
     uris = upload_inputs(settings, config)
     storage = Storage(settings)
     runtime = load_runtime(checkpoint, config.model_threads)
@@ -478,7 +478,7 @@ def measure(config: Config, checkpoint: Path, redis_url: str, moto: Service) -> 
     del kept
     for io_mode in config.io_modes:
         for pool, concurrency in config.pools:
-            figures.runs += end_to_end(config, settings, runtime, sample, moto.pid, io_mode, pool, concurrency)
+            figures.runs += end_to_end(config, settings, runtime, sample, s3.pid, io_mode, pool, concurrency)
     figures.ceiling_after = measure_ceiling(runtime, prepared, config)
     print(f"bare model again: {figures.ceiling_after.bare:.2f} images/s", flush=True)
     return figures
@@ -496,8 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(config.work_dir / "redis", ignore_errors=True)
     config.work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = bench_checkpoint(config.work_dir)
-    with redis_server(config.work_dir) as redis_url, moto_server(config.work_dir / "moto.log") as moto:
-        figures = measure(config, checkpoint, redis_url, moto)
+    with redis_server(config.work_dir) as redis_url, s3_server(config.work_dir) as s3:
+        figures = measure(config, checkpoint, redis_url, s3)
     print(report(figures, config))
     if config.json_out:
         config.json_out.write_text(json.dumps(asdict(figures), indent=2))
@@ -567,7 +567,7 @@ def stall_section(figures: Figures) -> str:
                      f"{busy:.0%}" if run.concurrency == 1 else "n/a",
                      f"{run.ceiling.bare:.2f}", f"{run.efficiency:.2f}",
                      f"{run.images_per_s / run.ceiling.segment:.2f}",
-                     " / ".join(f"{run.cpu_ms[name]:.0f}" for name in ("worker", "moto", "bench")),
+                     " / ".join(f"{run.cpu_ms[name]:.0f}" for name in ("worker", "s3", "bench")),
                      f"{run.worker_peak_rss_mb:.0f}", f"{run.stage_pss_mb:.0f}"))
     header = ("I/O stages in", "worker pool", "chunk size", "images/s", "model busy", "bare model just before",
               "÷ bare", "÷ model + post-processing", "CPU ms/image: worker / S3 server / submit",

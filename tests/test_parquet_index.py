@@ -57,14 +57,23 @@ def expected_done_row(doc: ImageMetadata, out_key: str, root: str) -> Row:
         "instance_count": len(doc.annotations),
         "prompts": [
             {"category_id": p.category_id, "text": p.text, "presence_score": p.presence_score,
-             "instance_count": p.instance_count} for p in doc.prompts
+             "instance_count": p.instance_count,
+             "boxes": [list(box) for box in p.boxes] if p.boxes is not None else None, "box_labels": p.box_labels}
+            for p in doc.prompts
         ],
         "instances": [
             {"id": a.id, "category_id": a.category_id, "prompt": a.prompt, "prompt_index": a.prompt_index,
-             "score": a.score, "bbox": list(a.bbox), "pred_box_xyxy": list(a.pred_box_xyxy), "area": a.area,
+             "object_index": a.object_index, "score": a.score,
+             "bbox": list(a.bbox), "pred_box_xyxy": list(a.pred_box_xyxy), "area": a.area,
              "segmentation": {"size": list(a.segmentation.size), "counts": a.segmentation.counts},
              "mask_png_uri": a.mask_png}
             for a in doc.annotations
+        ],
+        "objects": [
+            {"object_index": o.object_index, "box": list(o.box) if o.box is not None else None, "score": o.score,
+             "points": [list(point) for point in o.points] if o.points is not None else None,
+             "point_labels": o.point_labels}
+            for o in doc.objects
         ],
     }
 
@@ -333,7 +342,7 @@ def test_index_command_with_out_recompacts_an_embedded_job_without_redis(
     assert_done_rows_equal_json(read_index(lake), finished_job.metadata(), root)
 
 
-# --- distributed run: real worker, the S3 server, the CLI --------------------------------------------------------
+# --- distributed run: real worker, SeaweedFS, the CLI -------------------------------------------------------
 
 
 def _s3_objects(s3_client: Any, bucket: str, prefix: str) -> Iterable[str]:

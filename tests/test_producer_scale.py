@@ -1,5 +1,5 @@
 """The producer at scale, in small numbers: backpressure bounds the queue, and a killed producer resumes
-from its checkpoint without enqueuing anything twice (real Redis, moto S3, real subprocesses)."""
+from its checkpoint without enqueuing anything twice (real Redis, SeaweedFS S3, real subprocesses)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Faults a running job survives: killed and stopped workers, a chunk run twice, a Redis restart, S3 faults.
 
-Every test runs real worker processes against real Redis and moto's S3 server behind a fault-injecting
+Every test runs real worker processes against real Redis and a SeaweedFS S3 server behind a fault-injecting
 proxy. A ``delay`` fault holds one request, so the test knows a worker is in the middle of a chunk when
 it strikes; every wait is on real state (Redis keys, proxy request counts, files, logs).
 """

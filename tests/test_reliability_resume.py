@@ -1,6 +1,6 @@
 """Resuming after crashes and cancels: only images without a complete output are processed, counts stay exact.
 
-Real producer and worker processes, real Redis servers, moto S3 (behind the fault proxy where a test must
+Real producer and worker processes, real Redis servers, SeaweedFS S3 (behind the fault proxy where a test must
 hold a worker mid-chunk). Every wait is on real state: Redis keys, proxy request counts, S3 objects.
 """
 

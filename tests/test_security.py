@@ -98,16 +98,22 @@ class Secured:
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory, moto_server: str, tiny_checkpoint: Path) -> Iterator[Secured]:
-    """A password-protected Redis, an S3 proxy, a bucket and one worker holding the sentinel secrets."""
+def secured(
+    tmp_path_factory: pytest.TempPathFactory, moto_reference_s3: str, tiny_checkpoint: Path
+) -> Iterator[Secured]:
+    """A password-protected Redis, an S3 proxy, a bucket and one worker holding the sentinel secrets.
+
+    S3 is moto here, not SeaweedFS: the escape test needs keys with '..', '.', '//' and '\\' segments stored
+    as AWS stores them (SeaweedFS refuses or rewrites them), and the module's one worker serves every test.
+    """
     workdir = tmp_path_factory.mktemp("security")
     server = RedisServer(workdir / "redis")
     server.start()
     with redis.Redis.from_url(server.url) as client:
         client.config_set("requirepass", REDIS_PASSWORD)
-    proxy = FaultyProxy(moto_server)
+    proxy = FaultyProxy(moto_reference_s3)
     proxy.start()
-    s3 = boto3.session.Session().client("s3", endpoint_url=moto_server, region_name=AWS_REGION)
+    s3 = boto3.session.Session().client("s3", endpoint_url=moto_reference_s3, region_name=AWS_REGION)
     bucket = f"sec-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
     settings = Settings(

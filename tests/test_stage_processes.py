@@ -1,6 +1,6 @@
 """The loader and writer stage processes: a dead one costs no image, and none outlives its worker.
 
-Real parts: the moto S3 server behind the fault proxy (which holds a request so that a process can be
+Real parts: the SeaweedFS S3 server behind the fault proxy (which holds a request so that a process can be
 killed in the middle of it), the tiny SAM 3 checkpoint, real stage processes, real SIGKILLs.
 """
 

@@ -1,4 +1,4 @@
-"""S3 failures injected by a proxy in front of moto: what is retried, what fails at once, what is said."""
+"""S3 failures injected by a proxy in front of SeaweedFS: what is retried, what fails at once, what is said."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""S3 storage against moto's server over HTTP (through the real boto3/botocore stack)."""
+"""S3 storage against a SeaweedFS server over HTTP (through the real boto3/botocore stack)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
 from sam3_batch.contracts.errors import BadUriError, NotFoundError
@@ -71,15 +72,33 @@ def test_keys_with_spaces_and_unicode_round_trip_and_list(storage: Storage, s3_b
     assert _keys(storage, f"s3://{s3_bucket}") == [key]
 
 
-def test_listing_order_matches_the_local_backend(storage: Storage, s3_bucket: str, tmp_path: Path) -> None:
+def test_listing_order_matches_the_local_backend_and_aws(
+    settings_factory: SettingsFactory, moto_reference_s3: str, tmp_path: Path
+) -> None:
+    # moto, not SeaweedFS: this checks the local backend against AWS's UTF-8 binary key order.
+    storage = Storage(settings_factory(s3_endpoint_url=moto_reference_s3))
+    boto3.session.Session().client("s3", endpoint_url=moto_reference_s3).create_bucket(Bucket="order")
     keys = ["a/x", "a-b", "a/b/c", "b", "B", "a0", "z/é", "z/e", "z/ü/1", "sp ace/1"]
     for key in keys:
-        storage.write_bytes(f"s3://{s3_bucket}/root/{key}", b"")
+        storage.write_bytes(f"s3://order/root/{key}", b"")
         storage.write_bytes(f"{tmp_path}/root/{key}", b"")
 
-    s3_keys = _keys(storage, f"s3://{s3_bucket}/root/")
+    s3_keys = _keys(storage, "s3://order/root/")
     assert s3_keys == sorted(keys)
     assert s3_keys == _keys(storage, f"file://{tmp_path}/root/")
+
+
+def test_start_after_resumes_in_the_servers_own_listing_order(storage: Storage, s3_bucket: str) -> None:
+    # SeaweedFS lists folder by folder ('a/x' before 'a-b', unlike AWS): resuming must follow that order.
+    keys = ["a/x", "a-b", "a/b/c", "a.jpg", "a0", "B", "z/é", "z/e"]
+    for key in keys:
+        storage.write_bytes(f"s3://{s3_bucket}/root/{key}", b"")
+
+    listed = _keys(storage, f"s3://{s3_bucket}/root/")
+
+    assert sorted(listed) == sorted(keys)
+    for index, key in enumerate(listed):
+        assert _keys(storage, f"s3://{s3_bucket}/root/", start_after=key) == listed[index + 1 :], key
 
 
 def test_listing_reports_sizes_and_readable_uris(storage: Storage, s3_bucket: str) -> None:

@@ -132,7 +132,11 @@ class S3Backend:
         return True
 
     def list_objects(self, prefix_uri: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
-        """Objects under the folder ``prefix_uri`` in S3's (UTF-8 binary) key order, one page at a time."""
+        """Objects under the folder ``prefix_uri`` in the server's key order, one page at a time.
+
+        AWS orders keys as UTF-8 bytes; SeaweedFS folder by folder ('a/x' before 'a-b'). Either way the
+        server applies ``start_after`` in its own order, which is all a resumed listing needs.
+        """
         bucket, key = split_s3_uri(prefix_uri)
         prefix = _folder_prefix(key)
         params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
