@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
 from sam3_batch import jobs, progress
-from sam3_batch.contracts.errors import Sam3BatchError
-from sam3_batch.contracts.jobstate import RedisJobStore, UnknownJobError
+from sam3_batch.contracts.display import printable
+from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.redact import register_secret
 from sam3_batch.contracts.schemas import OutputOptions, Thresholds
 from sam3_batch.contracts.settings import Settings
+from sam3_batch.error_boundary import debug_requested, report_and_exit
 from sam3_batch.logs import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -37,6 +39,17 @@ SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata alr
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+@app.callback()
+def _global_options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show tracebacks (also SAM3_BATCH_DEBUG=1).")] = False) -> None:
+    """Distributed batch segmentation with SAM 3 (run, submit, worker, status ...)."""
+
+
+def _say(console_: Console, text: str) -> None:
+    """Print user data (names, URIs, reasons) as plain text: no markup, no terminal control codes."""
+    console_.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -77,10 +90,13 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
                        output_format, skip_existing)
     report = jobs.run_embedded(request, settings)
     c = report.counters
-    console.print(f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
+    _say(console, f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
                   f"in {report.wall_seconds:.1f}s -> {out_root}")
     for failure in report.failures[:20]:
-        console.print(f"  [red]failed[/red] {failure.uri}: {failure.reason}", soft_wrap=True, highlight=False)
+        _say(console, f"  failed {failure.uri}: {failure.reason}")
+    if c.total == 0:
+        _say(console, f"no images found in {report.source} (extensions: jpg, jpeg, png, gif, webp, bmp, tif)")
+        raise typer.Exit(code=1)
     if c.failed:
         raise typer.Exit(code=2)
 
@@ -96,7 +112,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            as_json: JsonOut = False) -> None:
     """Enqueue a job for GPU workers and print its id."""
     settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision)
-    if not resume and (not out_root or not prompt):
+    if not resume and (not out_root.strip() or not prompt):
         raise typer.BadParameter("--out and at least one --prompt are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing)
@@ -107,6 +123,10 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
         out.print(summary.job_id)
         console.print(f"enqueued {summary.images_enqueued} images in {summary.chunks_sent} chunks, "
                       f"skipped {summary.skipped}, bad entries {summary.problems}")
+    if summary.listing_complete and not (summary.images_enqueued or summary.skipped or summary.problems) \
+            and not resume:
+        _say(console, f"no images found in {' '.join(request.inputs) or request.manifest}")
+        raise typer.Exit(code=1)
     if wait:
         store = RedisJobStore(settings.state_redis_url())
         final = progress.watch(store, summary.job_id, console)
@@ -126,7 +146,8 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default), solo or pr
 
 
 def _store() -> RedisJobStore:
-    return RedisJobStore(_settings().state_redis_url())
+    """Job state for an interactive command: a dead Redis fails within seconds, not after minutes of retries."""
+    return RedisJobStore.interactive(_settings().state_redis_url())
 
 
 @app.command()
@@ -147,7 +168,7 @@ def cancel(job_id: str) -> None:
     store = _store()
     store.spec(job_id)
     store.cancel(job_id)
-    out.print(f"cancelled {job_id}")
+    _say(out, f"cancelled {job_id}")
 
 
 @app.command("jobs")
@@ -165,19 +186,24 @@ def list_jobs(as_json: JsonOut = False) -> None:
 @app.command()
 def failures(job_id: str, as_json: JsonOut = False) -> None:
     """Print a job's failed images with their reasons."""
-    found = _store().failures(job_id)
+    store = _store()
+    store.spec(job_id)  # an unknown job is an error, not an empty list
+    found = store.failures(job_id)
     if as_json:
         out.print_json(json.dumps([f.model_dump() for f in found]))
         return
     for failure in found:
-        out.print(f"{failure.uri}\t{failure.reason}", markup=False, highlight=False)
+        _say(out, f"{failure.uri}\t{failure.reason}")
 
 
 @app.command("retry-failed")
 def retry_failed_cmd(job_id: str) -> None:
     """Resubmit a job's failed images."""
     count = jobs.retry_failed(_settings(), job_id)
-    out.print(f"resubmitted {count} failed images of {job_id}")
+    if count == 0:
+        _say(out, f"job {job_id} has no failed images to retry")
+        return
+    _say(out, f"resubmitted {count} failed images of {job_id}")
 
 
 @app.command("index")
@@ -196,19 +222,22 @@ def index_cmd(job_id: str,
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
-    out.print(f"{job_id}: {summary.rows} rows ({summary.images} images, {summary.instances} instances) "
-              f"from {summary.parts_read} parts -> {summary.files_written} files", markup=False, highlight=False)
+    _say(out, f"{job_id}: {summary.rows} rows ({summary.images} images, {summary.instances} instances) "
+              f"from {summary.parts_read} parts -> {summary.files_written} files")
     for uri in summary.uris:
-        out.print(f"  {uri}", markup=False, highlight=False)
+        _say(out, f"  {uri}")
 
 
 def main() -> None:
-    """Console entry point: readable errors instead of tracebacks for expected failures."""
+    """Console entry point: the one error boundary (readable lines instead of tracebacks)."""
     try:
         app()
-    except UnknownJobError as exc:
-        console.print(f"[red]unknown job {exc.args[0]}")
-        raise SystemExit(1) from None
-    except Sam3BatchError as exc:
-        console.print(f"[red]{exc}")
-        raise SystemExit(1) from None
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug_requested(sys.argv):
+            raise
+        report_and_exit(exc)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from sam3_batch.contracts.errors import RequestError
+from sam3_batch.contracts.redact import display_uri, redact
 from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
 KEY_PREFIX = "sam3b"
@@ -138,6 +140,17 @@ class RedisJobStore:
         self._reopen = self._redis.register_script(_REOPEN_FAILURES)
         self._start_generation = self._redis.register_script(_START_GENERATION)
 
+    @classmethod
+    def interactive(cls, url: str, timeout_s: float = 3.0) -> RedisJobStore:
+        """A store for commands a person waits on: Redis down, a wrong password or a bad URL fail in seconds."""
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s * 3,
+                                          retry=Retry(NoBackoff(), retries=0))
+        except ValueError as exc:
+            raise RequestError(redact(f"malformed Redis URL {url!r}: {exc}")) from exc
+        client.ping()
+        return cls(url, client=client)
+
     @property
     def client(self) -> redis.Redis:
         return self._redis
@@ -167,7 +180,8 @@ class RedisJobStore:
     ) -> bool:
         done = sum(1 for o in outcomes if o.status == "done")
         failures = [
-            Failure(uri=o.uri, reason=o.reason or "unknown", chunk_id=chunk_id, out_key=o.out_key).model_dump_json()
+            Failure(uri=display_uri(o.uri), reason=o.reason or "unknown", chunk_id=chunk_id,
+                    out_key=o.out_key).model_dump_json()
             for o in outcomes
             if o.status == "failed"
         ]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sam3_batch.contracts.jobstate import Checkpoint, PlannedCounts, UnknownJobError
+from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
 
@@ -73,7 +74,8 @@ class MemoryJobStore:
                 if outcome.status == "failed":
                     reason = outcome.reason or "unknown"
                     job.failures.append(
-                        Failure(uri=outcome.uri, reason=reason, chunk_id=chunk_id, out_key=outcome.out_key)
+                        Failure(uri=display_uri(outcome.uri), reason=reason, chunk_id=chunk_id,
+                                out_key=outcome.out_key)
                     )
             job.stats["instances"] = job.stats.get("instances", 0.0) + sum(o.instances for o in outcomes)
             job.stats["gpu_seconds"] = job.stats.get("gpu_seconds", 0.0) + gpu_seconds

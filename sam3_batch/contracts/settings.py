@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # Model and inference
     model: str = "facebook/sam3"
     model_revision: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(8, ge=0)  # images per model batch; 0: automatic (from free GPU memory)
     compile: bool = False
