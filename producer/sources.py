@@ -59,8 +59,11 @@ def _line_position(number: int) -> str:
 
 def _within(root: str, prefix: str) -> str | None:
     """Where ``root`` lies below ``prefix``, as a relative key ('' when equal); None when it is not below it."""
+    remote = ("s3://", "http://", "https://")
+    if root.startswith(remote) != prefix.startswith(remote):
+        return None
     root, prefix = root.rstrip("/"), prefix.rstrip("/")
-    if "://" not in root and "://" not in prefix or root.startswith("file://") or prefix.startswith("file://"):
+    if not root.startswith(remote):  # two local paths: compare where they really are
         root = os.path.realpath(root.removeprefix("file://"))
         prefix = os.path.realpath(prefix.removeprefix("file://"))
     if root == prefix:
