@@ -12,7 +12,7 @@ import redis
 from pydantic import ValidationError
 
 from sam3_batch.contracts.display import printable
-from sam3_batch.contracts.errors import Sam3BatchError, reason_of
+from sam3_batch.contracts.errors import RequestError, Sam3BatchError, reason_of
 from sam3_batch.contracts.jobstate import UnknownJobError
 from sam3_batch.contracts.redact import redact
 
@@ -64,6 +64,8 @@ def one_line(exc: BaseException) -> tuple[str, int]:
         return f"unknown job {exc.args[0]}", EXIT_FAILED
     if isinstance(exc, ValidationError):
         return describe_validation(exc), EXIT_USAGE
+    if isinstance(exc, RequestError):
+        return " ".join(str(exc).split()), EXIT_USAGE
     if isinstance(exc, Sam3BatchError):
         return " ".join(str(exc).split()) or exc.__class__.__name__, EXIT_FAILED
     message = _redis_message(exc) or _storage_message(exc)

@@ -46,7 +46,17 @@ def write_report(store: JobStore, storage: Storage, job_id: str) -> JobReport:
 
 
 def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobReport | None:
-    """Write the report exactly once, by whichever caller first sees the job complete."""
+    """Write the report once, by whichever caller first sees the job complete.
+
+    The claim holds only while the report is written: a write that fails releases it (and raises), so
+    the next caller that sees the job complete (a redelivered chunk, the producer) writes it.
+    """
     if not store.counters(job_id).complete or not store.claim_report(job_id):
         return None
-    return write_report(store, storage, job_id)
+    written = False
+    try:
+        report = write_report(store, storage, job_id)
+        written = True
+        return report
+    finally:
+        store.settle_report(job_id, written)
