@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     log_json: bool = False
     task_retries: int = Field(3, ge=0)
+    # Heartbeats: a dead worker's chunks go back on the queue within seconds (off: visibility timeout only).
+    worker_heartbeat: bool = True
 
     # Read only so that redact() can mask it wherever it might appear; boto3 reads AWS_* itself.
     aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
