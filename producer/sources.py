@@ -203,6 +203,8 @@ def open_source(storage: Storage, inputs: list[str], manifest: str | None = None
     if manifest:
         return ManifestSource(storage, manifest)
     if inputs and all(i.startswith(("http://", "https://")) for i in inputs):
+        for url in inputs:  # a URL typed on the command line is checked now, not after the model loads
+            key_from_uri(url)
         return UrlSource(inputs)
     if len(inputs) != 1:
         raise BadUriError("give one S3 prefix or folder, or http(s) URLs, or --manifest FILE")
