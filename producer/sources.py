@@ -79,6 +79,14 @@ def is_output_key(relative_key: str) -> bool:
             or name.endswith((".masked.png", ".masked.jpg")))
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name read from the filesystem with surrogate escapes
+        return False
+    return True
+
+
 class PrefixSource:
     """Every image under an ``s3://`` prefix or a local folder, recursively, filtered by extension.
 
@@ -95,15 +103,18 @@ class PrefixSource:
     def _is_output(self, relative_key: str) -> bool:
         if self._output_at is None:
             return False
-        if self._output_at == "":
-            return is_output_key(relative_key)
-        return relative_key.startswith(self._output_at)
+        # Masks and masked images beside the inputs (an earlier run with --out at the folder) are outputs too.
+        return is_output_key(relative_key) or (bool(self._output_at) and relative_key.startswith(self._output_at))
 
     def entries(self, start_after: str | None) -> Iterator[SourceEntry]:
         for obj in self.storage.list_objects(self.prefix_uri, start_after=start_after):
             if PurePosixPath(obj.relative_key).suffix.lower() not in self.extensions:
                 continue
             if self._is_output(obj.relative_key):
+                continue
+            if not _is_utf8(obj.uri):
+                yield SourceProblem(display_uri(obj.uri), "the file name is not valid UTF-8 (shown with \\x "
+                                    "escapes): rename it to process it", obj.relative_key)
                 continue
             try:
                 out_key = safe_relative_key(obj.relative_key)

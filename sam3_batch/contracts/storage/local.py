@@ -51,11 +51,12 @@ class LocalBackend:
             raise ForbiddenError(f"{shown}: permission denied") from exc
         except OSError as exc:  # a symlink loop (ELOOP), a name too long, an I/O error ...
             raise ItemError(f"{shown}: cannot open: {exc.strerror or exc}") from exc
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (FIFO, socket or device)"
+            raise ItemError(f"{shown}: {kind}; only regular files are read")
         with os.fdopen(fd, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (FIFO, socket or device)"
-                raise ItemError(f"{shown}: {kind}; only regular files are read")
             os.set_blocking(handle.fileno(), True)
             try:
                 return handle.read()
