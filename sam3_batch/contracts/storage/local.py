@@ -54,8 +54,9 @@ class LocalBackend:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (FIFO, socket or device)"
-            raise ItemError(f"{shown}: {kind}; only regular files are read")
+            if stat.S_ISDIR(mode):
+                raise NotFoundError(f"{shown}: a folder, not a file")
+            raise ItemError(f"{shown}: not a regular file (FIFO, socket or device); only regular files are read")
         with os.fdopen(fd, "rb") as handle:
             os.set_blocking(handle.fileno(), True)
             try:
