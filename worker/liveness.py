@@ -90,8 +90,11 @@ class Liveness:
         self._stop = threading.Event()
 
     def start(self) -> None:
-        """Beat once now (so the first chunk is covered), then keep beating and reaping in daemon threads."""
-        self.beat()
+        """Keep beating and reaping in daemon threads (the first beat at once; never blocks the worker's start).
+
+        A worker is reaped only once it is in the workers set, which its first beat adds together with its
+        heartbeat key, so a delivery recorded before that beat is never taken from a live worker.
+        """
         task_received.connect(self._on_received, weak=False)
         worker_shutdown.connect(self._on_shutdown, weak=False)
         for name, period, step in (("heartbeat", HEARTBEAT_INTERVAL_S, self.beat),
@@ -162,11 +165,12 @@ class Liveness:
             log.warning("could not deregister worker %s: %s", self.worker_id, reason_of(exc))
 
     def _every(self, period: float, step: Callable[[], object]) -> None:
-        while not self._stop.wait(period * random.uniform(0.8, 1.0)):
+        while not self._stop.is_set():
             try:
                 step()
             except Exception as exc:  # Redis down for a while: try again next period
                 log.warning("%s failed: %s", getattr(step, "__name__", "liveness step"), reason_of(exc))
+            self._stop.wait(period * random.uniform(0.8, 1.0))
 
 
 def _requeue_targets(channel: Any, entry: bytes) -> tuple[list[str], str]:
