@@ -11,6 +11,7 @@ from rich.console import Console
 
 from sam3_batch import jobs, progress
 from sam3_batch.contracts.display import printable
+from sam3_batch.contracts.errors import RequestError
 from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.redact import register_secret
 from sam3_batch.contracts.schemas import OutputOptions, Thresholds
@@ -113,7 +114,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
     """Enqueue a job for GPU workers and print its id."""
     settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision)
     if not resume and (not out_root.strip() or not prompt):
-        raise typer.BadParameter("--out and at least one --prompt are required (or --resume JOB_ID)")
+        raise RequestError("--out and at least one --prompt are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing)
     summary = jobs.submit(request, settings, resume_job=resume)
@@ -217,7 +218,7 @@ def index_cmd(job_id: str,
     from sam3_batch.index import compact_index
 
     settings = _settings()
-    root = out_root or RedisJobStore(settings.state_redis_url()).spec(job_id).output_root
+    root = out_root or RedisJobStore.interactive(settings.state_redis_url()).spec(job_id).output_root
     summary = compact_index(Storage(settings), root, job_id, target_rows=target_rows)
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
