@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from sam3_batch.contracts.redact import redact
+from sam3_batch.contracts.redact import display_uri, redact
 from sam3_batch.contracts.schemas import ChunkMessage, Failure, WorkItem
 from sam3_batch.producer.sources import SourceEntry, SourceItem, SourceProblem
 
@@ -47,7 +47,7 @@ def plan_chunks(
         item = entry if isinstance(entry, SourceProblem) else _work_item(entry)
         if isinstance(item, SourceProblem):
             chunk_id = chunk_id_for(job_id, seq, generation)
-            problems.append(Failure(uri=item.where, reason=item.reason, chunk_id=chunk_id))
+            problems.append(Failure(uri=display_uri(item.where), reason=redact(item.reason), chunk_id=chunk_id))
         elif is_done(item.out_key):
             skipped += 1
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -15,7 +16,10 @@ from typing import Protocol
 
 from sam3_batch.contracts.errors import BadUriError, ItemError
 from sam3_batch.contracts.keys import IMAGE_EXTENSIONS, key_from_uri, safe_relative_key
+from sam3_batch.contracts.layout import JOB_DIR
+from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.contracts.storage.local import local_path
 
 _POSITION_WIDTH = 12
 
@@ -55,21 +59,69 @@ def _line_position(number: int) -> str:
     return str(number).zfill(_POSITION_WIDTH)
 
 
-class PrefixSource:
-    """Every image under an ``s3://`` prefix or a local folder, recursively, filtered by extension."""
+def _within(root: str, prefix: str) -> str | None:
+    """Where ``root`` lies below ``prefix``, as a relative key ('' when equal); None when it is not below it."""
+    remote = ("s3://", "http://", "https://")
+    if root.startswith(remote) != prefix.startswith(remote):
+        return None
+    root, prefix = root.rstrip("/"), prefix.rstrip("/")
+    if not root.startswith(remote):  # two local paths: compare where they really are
+        root = os.path.realpath(root.removeprefix("file://"))
+        prefix = os.path.realpath(prefix.removeprefix("file://"))
+    if root == prefix:
+        return ""
+    return root[len(prefix) + 1:] + "/" if root.startswith(prefix + "/") else None
 
-    def __init__(self, storage: Storage, prefix_uri: str, extensions: frozenset[str] = IMAGE_EXTENSIONS):
+
+def is_output_key(relative_key: str) -> bool:
+    """True for objects this project writes under an output root (masks, masked images, job folders)."""
+    parts = relative_key.split("/")
+    name = parts[-1]
+    return (parts[0] == JOB_DIR or any(p.endswith(".masks") for p in parts[:-1])
+            or name.endswith((".masked.png", ".masked.jpg")))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name read from the filesystem with surrogate escapes
+        return False
+    return True
+
+
+class PrefixSource:
+    """Every image under an ``s3://`` prefix or a local folder, recursively, filtered by extension.
+
+    An output root inside the listed folder is left out (a second run must not segment the first run's
+    masks): all of it when it is a sub-folder, and the objects this project writes when it is the folder.
+    """
+
+    def __init__(self, storage: Storage, prefix_uri: str, extensions: frozenset[str] = IMAGE_EXTENSIONS,
+                 exclude_root: str | None = None):
         self.storage, self.prefix_uri, self.extensions = storage, prefix_uri, extensions
         self.description = prefix_uri
+        self._output_at = _within(exclude_root, prefix_uri) if exclude_root else None
+
+    def _is_output(self, relative_key: str) -> bool:
+        if self._output_at is None:
+            return False
+        # Masks and masked images beside the inputs (an earlier run with --out at the folder) are outputs too.
+        return is_output_key(relative_key) or (bool(self._output_at) and relative_key.startswith(self._output_at))
 
     def entries(self, start_after: str | None) -> Iterator[SourceEntry]:
         for obj in self.storage.list_objects(self.prefix_uri, start_after=start_after):
             if PurePosixPath(obj.relative_key).suffix.lower() not in self.extensions:
                 continue
+            if self._is_output(obj.relative_key):
+                continue
+            if not _is_utf8(obj.uri):
+                yield SourceProblem(display_uri(obj.uri), "the file name is not valid UTF-8 (shown with \\x "
+                                    "escapes): rename it to process it", obj.relative_key)
+                continue
             try:
                 out_key = safe_relative_key(obj.relative_key)
             except BadUriError as exc:
-                yield SourceProblem(obj.uri, str(exc), obj.relative_key)
+                yield SourceProblem(display_uri(obj.uri), str(exc), obj.relative_key)
                 continue
             yield SourceItem(uri=obj.uri, out_key=out_key, position=obj.relative_key)
 
@@ -166,11 +218,13 @@ class UrlSource:
                 yield SourceProblem(url, str(exc), position)
 
 
-def open_source(storage: Storage, inputs: list[str], manifest: str | None = None) -> Source:
+def open_source(storage: Storage, inputs: list[str], manifest: str | None = None,
+                exclude_root: str | None = None) -> Source:
     """Choose the source from what the user gave: a manifest, http(s) URLs, or one prefix/folder.
 
     An S3 Inventory ``manifest.json`` (given as ``--manifest`` or as the only input) is read with
     ``InventorySource``; with ``--manifest``, one input names the prefix to take from the inventory.
+    ``exclude_root`` (the job's output root) is never listed as input.
     """
     from sam3_batch.producer.inventory import InventorySource, is_inventory_manifest  # it imports this module
 
@@ -183,6 +237,8 @@ def open_source(storage: Storage, inputs: list[str], manifest: str | None = None
     if manifest:
         return ManifestSource(storage, manifest)
     if inputs and all(i.startswith(("http://", "https://")) for i in inputs):
+        for url in inputs:  # a URL typed on the command line is checked now, not after the model loads
+            key_from_uri(url)
         return UrlSource(inputs)
     if len(inputs) != 1:
         raise BadUriError("give one S3 prefix or folder, or http(s) URLs, or --manifest FILE")
@@ -190,4 +246,20 @@ def open_source(storage: Storage, inputs: list[str], manifest: str | None = None
     scheme = source.split("://", 1)[0] if "://" in source else ""
     if scheme not in ("", "s3", "file"):
         raise BadUriError(f"unsupported input scheme {scheme!r}: use s3://, file://, a path or http(s) URLs")
-    return PrefixSource(storage, source)
+    if scheme != "s3":
+        _check_local_input(source)
+    return PrefixSource(storage, source, exclude_root=exclude_root)
+
+
+def _check_local_input(source: str) -> None:
+    """A local input is an existing folder or one image file; anything else is an error, not an empty job."""
+    path = local_path(source)
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise BadUriError(f"input {display_uri(source)} does not exist")
+    if not path.is_file():
+        raise BadUriError(f"input {display_uri(source)} is not a folder or a regular file")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise BadUriError(f"input {display_uri(source)} is a file without an image extension "
+                          f"({', '.join(sorted(IMAGE_EXTENSIONS))}); use --manifest for a list of images")

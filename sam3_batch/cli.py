@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,11 +11,13 @@ import typer
 from rich.console import Console
 
 from sam3_batch import jobs, progress
-from sam3_batch.contracts.errors import Sam3BatchError
-from sam3_batch.contracts.jobstate import RedisJobStore, UnknownJobError
+from sam3_batch.contracts.display import printable
+from sam3_batch.contracts.errors import RequestError
+from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.redact import register_secret
 from sam3_batch.contracts.schemas import OutputOptions, Thresholds
 from sam3_batch.contracts.settings import Settings
+from sam3_batch.error_boundary import debug_requested, report_and_exit
 from sam3_batch.extras import require_worker_extra
 from sam3_batch.logs import setup_logging
 
@@ -42,6 +45,17 @@ SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata alr
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 or autocast-bf16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+@app.callback()
+def _global_options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show tracebacks (also SAM3_BATCH_DEBUG=1).")] = False) -> None:
+    """Distributed batch segmentation with SAM 3 (run, submit, worker, status ...)."""
+
+
+def _say(console_: Console, text: str) -> None:
+    """Print user data (names, URIs, reasons) as plain text: no markup, no terminal control codes."""
+    console_.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -78,7 +92,7 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
         dtype: Dtype = None, masked_style: MaskedStyle = "cutout") -> None:
     """Segment a folder (or any source) in this process: no Redis, no S3 needed."""
     if not (prompt or manifest):
-        raise typer.BadParameter("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
+        raise RequestError("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
     settings = _settings(model=model, model_revision=revision, batch_size=batch_size, chunk_size=chunk_size,
                          device=device, dtype=dtype)
     if settings.model == "tiny-random":
@@ -87,10 +101,13 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
                        output_format, skip_existing, masked_style)
     report = jobs.run_embedded(request, settings)
     c = report.counters
-    console.print(f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
+    _say(console, f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
                   f"in {report.wall_seconds:.1f}s -> {out_root}")
     for failure in report.failures[:20]:
-        console.print(f"  [red]failed[/red] {failure.uri}: {failure.reason}", soft_wrap=True, highlight=False)
+        _say(console, f"  failed {failure.uri}: {failure.reason}")
+    if c.total == 0:
+        _say(console, f"no images found in {report.source} (extensions: jpg, jpeg, png, gif, webp, bmp, tif)")
+        raise typer.Exit(code=1)
     if c.failed:
         raise typer.Exit(code=2)
 
@@ -106,8 +123,8 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            as_json: JsonOut = False) -> None:
     """Enqueue a job for GPU workers and print its id."""
     settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision)
-    if not resume and (not out_root or not (prompt or manifest)):
-        raise typer.BadParameter("--out and at least one --prompt (or a --manifest) are required (or --resume JOB_ID)")
+    if not resume and (not out_root.strip() or not (prompt or manifest)):
+        raise RequestError("--out and at least one --prompt (or a --manifest) are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing, masked_style)
     summary = jobs.submit(request, settings, resume_job=resume)
@@ -117,6 +134,10 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
         out.print(summary.job_id)
         console.print(f"enqueued {summary.images_enqueued} images in {summary.chunks_sent} chunks, "
                       f"skipped {summary.skipped}, bad entries {summary.problems}")
+    if summary.listing_complete and not (summary.images_enqueued or summary.skipped or summary.problems) \
+            and not resume:
+        _say(console, f"no images found in {' '.join(request.inputs) or request.manifest}")
+        raise typer.Exit(code=1)
     if wait:
         store = RedisJobStore(settings.state_redis_url())
         final = progress.watch(store, summary.job_id, console)
@@ -137,7 +158,8 @@ def worker(pool: Annotated[str, typer.Option(help="threads (default), solo or pr
 
 
 def _store() -> RedisJobStore:
-    return RedisJobStore(_settings().state_redis_url())
+    """Job state for an interactive command: a dead Redis fails within seconds, not after minutes of retries."""
+    return RedisJobStore.interactive(_settings().state_redis_url())
 
 
 @app.command()
@@ -158,7 +180,7 @@ def cancel(job_id: str) -> None:
     store = _store()
     store.spec(job_id)
     store.cancel(job_id)
-    out.print(f"cancelled {job_id}")
+    _say(out, f"cancelled {job_id}")
 
 
 @app.command("jobs")
@@ -176,23 +198,28 @@ def list_jobs(as_json: JsonOut = False) -> None:
 @app.command()
 def failures(job_id: str, as_json: JsonOut = False) -> None:
     """Print a job's failed images with their reasons."""
-    found = _store().failures(job_id)
+    store = _store()
+    store.spec(job_id)  # an unknown job is an error, not an empty list
+    found = store.failures(job_id)
     if as_json:
         out.print_json(json.dumps([f.model_dump() for f in found]))
         return
     for failure in found:
-        out.print(f"{failure.uri}\t{failure.reason}", markup=False, highlight=False)
+        _say(out, f"{failure.uri}\t{failure.reason}")
 
 
 @app.command("retry-failed")
 def retry_failed_cmd(job_id: str) -> None:
     """Resubmit a job's failed images."""
     count = jobs.retry_failed(_settings(), job_id)
-    out.print(f"resubmitted {count} failed images of {job_id}")
+    if count == 0:
+        _say(out, f"job {job_id} has no failed images to retry")
+        return
+    _say(out, f"resubmitted {count} failed images of {job_id}")
 
 
 def _job_root(job_id: str, out_root: str | None) -> str:
-    return out_root or RedisJobStore(_settings().state_redis_url()).spec(job_id).output_root
+    return out_root or RedisJobStore.interactive(_settings().state_redis_url()).spec(job_id).output_root
 
 
 @app.command("index")
@@ -210,16 +237,16 @@ def index_cmd(job_id: str,
     from sam3_batch.contracts.storage import Storage
 
     settings = _settings()
-    summary = compact_index(Storage(settings), _job_root(job_id, out_root), job_id, max_rows_per_file=target_rows,
+    root = out_root or RedisJobStore.interactive(settings.state_redis_url()).spec(job_id).output_root
+    summary = compact_index(Storage(settings), root, job_id, max_rows_per_file=target_rows,
                             partition_by=partition_by or (), dest=dest)
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
-    out.print(f"{job_id}: {summary.images} images ({summary.done} done, {summary.failed} failed, "
-              f"{summary.instances} instances) from {summary.parts_read} parts -> {summary.files_written} files",
-              markup=False, highlight=False)
+    _say(out, f"{job_id}: {summary.images} images ({summary.done} done, {summary.failed} failed, "
+              f"{summary.instances} instances) from {summary.parts_read} parts -> {summary.files_written} files")
     for uri in summary.uris:
-        out.print(f"  {uri}", markup=False, highlight=False)
+        _say(out, f"  {uri}")
 
 
 @app.command("export")
@@ -241,10 +268,10 @@ def export_cmd(job_or_root: Annotated[str, typer.Argument(help="A job id (in Red
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
-    out.print(f"{summary.images} images, {summary.annotations} annotations, {len(summary.categories)} categories "
-              f"-> {len(summary.files)} files", markup=False, highlight=False)
+    _say(out, f"{summary.images} images, {summary.annotations} annotations, {len(summary.categories)} categories "
+              f"-> {len(summary.files)} files")
     for uri in summary.files:
-        out.print(f"  {uri}", markup=False, highlight=False)
+        _say(out, f"  {uri}")
 
 
 @app.command("dev-stack")
@@ -271,13 +298,15 @@ def dev_stack(action: Annotated[str, typer.Argument(help="start, stop (a detache
 
 
 def main() -> None:
-    """Console entry point: readable errors instead of tracebacks for expected failures."""
+    """Console entry point: the one error boundary (readable lines instead of tracebacks)."""
     try:
         app()
-    except UnknownJobError as exc:
-        console.print(f"[red]unknown job {exc.args[0]}")
-        raise SystemExit(1) from None
-    except Sam3BatchError as exc:
-        # One line however long (soft_wrap), and the message as plain text: it may quote user data.
-        console.print(str(exc), style="red", markup=False, highlight=False, soft_wrap=True)
-        raise SystemExit(1) from None
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug_requested(sys.argv):
+            raise
+        report_and_exit(exc)

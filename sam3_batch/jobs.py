@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from sam3_batch.contracts.errors import RequestError
 from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
 from sam3_batch.contracts.jobstate_memory import MemoryJobStore
 from sam3_batch.contracts.report import build_report, finalize_if_complete
@@ -19,6 +20,7 @@ from sam3_batch.producer.backpressure import Backpressure, QueueDepth
 from sam3_batch.producer.dispatch import CeleryDispatcher
 from sam3_batch.producer.sources import Source, open_source
 from sam3_batch.producer.submit import ProducerSummary, new_job_id, run_producer
+from sam3_batch.request_checks import check_model_path, check_output_root
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,14 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
     )
 
 
+def validate_request(request: JobRequest, settings: Settings) -> JobSpec:
+    """Everything about a request that can be checked before loading anything; returns its spec."""
+    check_output_root(request.output_root)
+    if not request.prompts:
+        raise RequestError("give at least one --prompt")
+    return build_spec(request, settings)  # raises pydantic's ValidationError for bad prompts
+
+
 def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
     require_worker_extra()  # before the imports below: one readable line, not an ImportError
@@ -51,12 +61,14 @@ def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     from sam3_batch.worker.pipeline import ChunkContext
     from sam3_batch.worker.state import load_runtime, warm_up_compiled
 
+    spec = validate_request(request, settings)
+    check_model_path(settings.model)
     storage = Storage(settings)
-    source = open_source(storage, request.inputs, request.manifest)
+    source = open_source(storage, request.inputs, request.manifest, exclude_root=request.output_root)
     context = ChunkContext.create(load_runtime(settings), storage, settings)
     warm_up_compiled(context)
     store = MemoryJobStore()
-    spec = build_spec(request, settings)  # after the model load, so throughput counts the work only
+    spec = spec.model_copy(update={"created_at": time.time()})  # after the model load: throughput counts work
     store.create(spec)
     try:
         dispatcher = InlineDispatcher(spec, store, context)
@@ -88,6 +100,9 @@ def celery_dispatcher(settings: Settings, store: RedisJobStore) -> CeleryDispatc
 
 def submit(request: JobRequest, settings: Settings, resume_job: str | None = None) -> ProducerSummary:
     """Store the spec (or reuse a resumed job's) and enqueue every image not yet done."""
+    RedisJobStore.interactive(settings.state_redis_url())  # Redis down: one line in seconds
+    if settings.broker_url.get_secret_value() != settings.state_redis_url():
+        RedisJobStore.interactive(settings.broker_url.get_secret_value())
     storage = Storage(settings)
     store = RedisJobStore(settings.state_redis_url())
     if resume_job:
@@ -96,9 +111,9 @@ def submit(request: JobRequest, settings: Settings, resume_job: str | None = Non
         source = _source_of(spec, storage, request)
         skip = True
     else:
-        spec = build_spec(request, settings)
+        spec = validate_request(request, settings)
+        source = open_source(storage, request.inputs, request.manifest, exclude_root=request.output_root)
         store.create(spec)
-        source = open_source(storage, request.inputs, request.manifest)
         skip = request.skip_existing
     dispatcher = celery_dispatcher(settings, store)
     return run_producer(spec, source, store, storage, dispatcher, settings.chunk_size, skip_existing=skip)
@@ -113,15 +128,18 @@ def _prepare_resume(store: JobStore, job_id: str) -> None:
 def _source_of(spec: JobSpec, storage: Storage, request: JobRequest) -> Source:
     """A resumed job lists what it listed before, unless the user names the inputs again."""
     if request.inputs or request.manifest:
-        return open_source(storage, request.inputs, request.manifest)
-    return open_source(storage, spec.inputs, spec.manifest)
+        return open_source(storage, request.inputs, request.manifest, exclude_root=spec.output_root)
+    return open_source(storage, spec.inputs, spec.manifest, exclude_root=spec.output_root)
 
 
 def retry_failed(settings: Settings, job_id: str) -> int:
     """Resubmit a job's failed images as new chunks; returns how many were resubmitted."""
+    RedisJobStore.interactive(settings.state_redis_url())
     store = RedisJobStore(settings.state_redis_url())
     store.spec(job_id)  # raises UnknownJobError early
     failures = store.reopen_failures(job_id)
+    if not failures:
+        return 0
     dispatcher = celery_dispatcher(settings, store)
     stamp = secrets.token_hex(4)  # unique per retry: chunk ids must never repeat within a job
     for start in range(0, len(failures), settings.chunk_size):

@@ -10,6 +10,7 @@ from celery.signals import worker_process_init
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.worker import metrics
 from sam3_batch.worker.celery_app import configure_app
+from sam3_batch.worker.liveness import Liveness
 from sam3_batch.worker.state import init_worker_state
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,9 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     app = configure_app(settings)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
+    # Heartbeat + reaper: a dead worker's chunks go back on the queue in seconds (worker/liveness.py).
+    if settings.worker_heartbeat:
+        Liveness(app, settings).start()
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
         worker_process_init.connect(lambda **_: init_worker_state(settings), weak=False)

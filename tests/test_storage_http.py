@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +51,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(int(rest), b"status body")
         elif head == "host":
             self._send(200, str(self.headers["Host"]).encode())
+        elif head == "drip":
+            self._drip(int(rest))
         else:
             self._send(404, b"no such route")
 
@@ -59,6 +62,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _drip(self, size: int) -> None:
+        """A slowloris body: one byte every 0.1 s (each read gets a byte well within any read timeout)."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        try:
+            for _ in range(size):
+                self.wfile.write(b"d")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass  # the client gave up: that is the point
 
     def _redirect(self, location: str) -> None:
         self.send_response(302)
@@ -272,6 +288,18 @@ def test_a_server_that_never_answers_times_out_as_transient() -> None:
             storage.read_bytes(f"http://127.0.0.1:{silent.getsockname()[1]}/a.jpg")
     finally:
         silent.close()
+
+
+def test_a_server_trickling_one_byte_at_a_time_is_stopped_at_the_whole_download_deadline(
+    web: ThreadingHTTPServer,
+) -> None:
+    storage = _storage(http_allow_private=True, http_timeout_s=0.6)
+    started = time.monotonic()
+
+    with pytest.raises(TransientError, match=r"download exceeded http_timeout_s=0\.6"):
+        storage.read_bytes(f"{_origin(web)}/drip/300")  # 30 s of body at one byte per 0.1 s
+    assert time.monotonic() - started < 3.0
+    assert storage.read_bytes(f"{_origin(web)}/drip/3") == b"ddd"  # a short trickle within the deadline is fine
 
 
 def test_a_refused_connection_is_transient() -> None:

@@ -7,7 +7,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sam3_batch.contracts.errors import ModelLoadError, reason_of
 from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
+from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.schemas import JobSpec
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
@@ -29,10 +31,13 @@ def load_runtime(settings: Settings) -> SegmentationRuntime:
     check_device(settings)  # before the load: a worker that must not run on the CPU stops at once
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # progress bars are log noise
     start = time.perf_counter()
-    runtime = Sam3Runtime.load(
-        settings.model, settings.model_revision, device=settings.device, dtype=settings.dtype,
-        compile=settings.compile,
-    )
+    try:
+        runtime = Sam3Runtime.load(
+            settings.model, settings.model_revision, device=settings.device, dtype=settings.dtype,
+            compile=settings.compile,
+        )
+    except Exception as exc:  # a missing path, a corrupt checkpoint, missing weights, a gated hub id...
+        raise ModelLoadError(f"cannot load model {display_uri(settings.model)}: {reason_of(exc)}") from exc
     metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - start)
     log.info("model %s loaded in %.1fs", settings.model, time.perf_counter() - start)
     return runtime

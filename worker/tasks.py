@@ -11,7 +11,7 @@ from celery import Task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from sam3_batch.contracts.errors import JobCancelledError, is_transient, reason_of
+from sam3_batch.contracts.errors import JobCancelledError, StaleGenerationError, is_transient, reason_of
 from sam3_batch.contracts.jobstate import UnknownJobError
 from sam3_batch.contracts.lake import write_chunk_part
 from sam3_batch.contracts.queue import TASK_NAME
@@ -42,9 +42,12 @@ def _whole_chunk_failed(chunk: ChunkMessage, reason: str) -> ChunkResult:
 
 def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> None:
     # The part must exist before the chunk counts as done: a crash in between redelivers the chunk.
+    if chunk.generation != state.store.generation(chunk.job_id):  # cheap early exit; record_chunk decides
+        raise StaleGenerationError(f"chunk {chunk.chunk_id} belongs to an older plan of job {chunk.job_id}")
     spec = state.spec(chunk.job_id)
     write_chunk_part(state.chunk_context.storage, spec, chunk.chunk_id, result.outcomes, result.metadata)
-    counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
+    counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds,
+                                       generation=chunk.generation)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
     failed = sum(1 for o in result.outcomes if o.status == "failed")
     log.info("chunk %s finished: %d done, %d failed, model %.2fs", chunk.chunk_id, len(result.outcomes) - failed,
@@ -56,6 +59,7 @@ def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> Non
 def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
     """Why this chunk needs no work at all, or None when it must be processed."""
     if state.store.is_chunk_recorded(chunk.job_id, chunk.chunk_id):
+        _finalize_quietly(state, chunk)  # its report write may have failed: this redelivery retries it
         return "duplicate"  # a redelivery of a chunk that already finished
     try:
         state.spec(chunk.job_id)
@@ -68,6 +72,13 @@ def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
         metrics.CHUNKS.labels(result="cancelled").inc()
         return "cancelled"
     return None
+
+
+def _finalize_quietly(state: WorkerState, chunk: ChunkMessage) -> None:
+    try:
+        finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
+    except Exception as exc:  # the claim was released: the next caller that sees the job complete retries
+        log.warning("job %s: could not write the report (%s)", chunk.job_id, reason_of(exc), extra=_ids(chunk))
 
 
 def _superseded(state: WorkerState, chunk: ChunkMessage) -> bool:
@@ -141,10 +152,10 @@ def run_chunk_task(task: Task, message: dict[str, Any]) -> str:
         result = _process(task, state, chunk)
     except JobCancelledError:
         return "cancelled"
-    if chunk.generation != state.store.generation(chunk.job_id):
-        return "stale"  # a resume replanned the job while this chunk ran: the new plan counts its images
     try:
         _record(state, chunk, result)
+    except StaleGenerationError:
+        return "stale"  # a resume replanned the job while this chunk ran: the new plan counts its images
     except Exception as exc:
         # Outputs are written; put the message back so a later run (which skips done images) counts it.
         log.warning("chunk %s: could not record its outcome (%s); requeueing", chunk.chunk_id, reason_of(exc),

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from sam3_batch.contracts.layout import OutputLayout
+from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.schemas import (
     Annotation,
     Category,
@@ -162,10 +163,11 @@ def _write_masked_image(job: ImageJob, layout: OutputLayout, storage: Storage) -
 
 def build_metadata(job: ImageJob, layout: OutputLayout, masked_uri: str | None) -> ImageMetadata:
     """The per-image metadata document (SA-1B-like: ``image`` + flat ``annotations`` + per-prompt summary)."""
-    name = job.item.uri.rstrip("/").rsplit("/", 1)[-1]
+    shown = display_uri(job.item.uri)  # the real URI may carry a signature: it stays in the queue message
+    name = shown.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return ImageMetadata(
         job_id=job.spec.job_id, chunk_id=job.chunk_id,
-        image=ImageInfo(uri=job.item.uri, width=job.size_wh[0], height=job.size_wh[1], file_name=name),
+        image=ImageInfo(uri=shown, width=job.size_wh[0], height=job.size_wh[1], file_name=name),
         model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision),
         thresholds=job.spec.thresholds,
         categories=_categories(job),

@@ -41,6 +41,18 @@ class JobCancelledError(Sam3BatchError):
     """The job was cancelled; stop without writing anything new."""
 
 
+class RequestError(Sam3BatchError):
+    """The command line asks for something that cannot work (checked before anything is loaded)."""
+
+
+class ModelLoadError(Sam3BatchError):
+    """The model could not be loaded (missing path, corrupt checkpoint, missing weights, no access)."""
+
+
+class StaleGenerationError(Sam3BatchError):
+    """A chunk planned before a resume replanned its job: the new plan counts its images."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same operation later may succeed."""
     if isinstance(exc, TransientError):

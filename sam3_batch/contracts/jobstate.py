@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from sam3_batch.contracts.errors import RequestError, StaleGenerationError
+from sam3_batch.contracts.redact import display_uri, redact
 from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
 KEY_PREFIX = "sam3b"
+REPORT_CLAIM_TTL_S = 600
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"
 
 
@@ -40,7 +43,8 @@ class JobStore(Protocol):
     def spec(self, job_id: str) -> JobSpec: ...
     def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool: ...
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float,
+        generation: int | None = None,
     ) -> bool: ...
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool: ...
     def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool: ...
@@ -52,6 +56,7 @@ class JobStore(Protocol):
     def cancel(self, job_id: str) -> None: ...
     def is_cancelled(self, job_id: str) -> bool: ...
     def claim_report(self, job_id: str) -> bool: ...
+    def settle_report(self, job_id: str, written: bool) -> None: ...
     def reopen_failures(self, job_id: str) -> list[Failure]: ...
     def job_ids(self) -> list[str]: ...
     def generation(self, job_id: str) -> int: ...
@@ -73,14 +78,18 @@ class UnknownJobError(KeyError):
 
 # Counting and failure recording happen in one atomic script, only the first time a chunk id is seen,
 # so a redelivered or duplicated chunk never counts twice.
+# ARGV[7] is the chunk's generation: a chunk planned before a resume replanned the job is refused (-1) in the
+# same atomic step, so a resume landing between a check and the count can never count it.
 _RECORD_CHUNK = """
+local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
+if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= generation then return -1 end
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], 'done', ARGV[2])
 redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'instances', ARGV[4])
 redis.call('HINCRBYFLOAT', KEYS[2], 'gpu_seconds', ARGV[5])
 redis.call('HSET', KEYS[2], 'last_update', ARGV[6])
-for i = 7, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+for i = 8, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 return 1
 """
 
@@ -115,9 +124,10 @@ for _, raw in ipairs(items) do
   local key = cjson.decode(raw)['out_key']
   if type(key) == 'string' then table.insert(taken, raw) else table.insert(kept, raw) end
 end
+if #taken == 0 then return taken end
 redis.call('DEL', KEYS[1])
 for _, raw in ipairs(kept) do redis.call('RPUSH', KEYS[1], raw) end
-redis.call('HINCRBY', KEYS[2], 'failed', -#taken)
+redis.call('HINCRBY', KEYS[2], 'failed', tostring(-#taken))
 redis.call('DEL', KEYS[3])
 return taken
 """
@@ -137,6 +147,17 @@ class RedisJobStore:
         self._register = self._redis.register_script(_REGISTER_CHUNK)
         self._reopen = self._redis.register_script(_REOPEN_FAILURES)
         self._start_generation = self._redis.register_script(_START_GENERATION)
+
+    @classmethod
+    def interactive(cls, url: str, timeout_s: float = 3.0) -> RedisJobStore:
+        """A store for commands a person waits on: Redis down, a wrong password or a bad URL fail in seconds."""
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s * 3,
+                                          retry=Retry(NoBackoff(), retries=0))
+        except ValueError as exc:
+            raise RequestError(redact(f"malformed Redis URL {url!r}: {exc}")) from exc
+        client.ping()
+        return cls(url, client=client)
 
     @property
     def client(self) -> redis.Redis:
@@ -163,18 +184,25 @@ class RedisJobStore:
         return bool(self._register(keys=keys, args=[*args, *failures]))
 
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float,
+        generation: int | None = None,
     ) -> bool:
+        """Count a chunk once (False for a duplicate); StaleGenerationError if a resume replanned the job."""
         done = sum(1 for o in outcomes if o.status == "done")
         failures = [
-            Failure(uri=o.uri, reason=o.reason or "unknown", chunk_id=chunk_id, out_key=o.out_key).model_dump_json()
+            Failure(uri=display_uri(o.uri), reason=o.reason or "unknown", chunk_id=chunk_id,
+                    out_key=o.out_key).model_dump_json()
             for o in outcomes
             if o.status == "failed"
         ]
         instances = sum(o.instances for o in outcomes)
         keys = [job_key(job_id, "recorded"), job_key(job_id, "counters"), job_key(job_id, "failures")]
-        args: list[Any] = [chunk_id, done, len(failures), instances, f"{gpu_seconds:.6f}", time.time()]
-        return bool(self._record(keys=keys, args=[*args, *failures]))
+        args: list[Any] = [chunk_id, done, len(failures), instances, f"{gpu_seconds:.6f}", time.time(),
+                           "" if generation is None else generation]
+        counted = int(self._record(keys=keys, args=[*args, *failures]))
+        if counted < 0:
+            raise StaleGenerationError(f"chunk {chunk_id} belongs to an older plan of job {job_id}")
+        return counted == 1
 
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool:
         return bool(self._redis.sismember(job_key(job_id, "recorded"), chunk_id))
@@ -224,8 +252,20 @@ class RedisJobStore:
         return bool(self._redis.exists(job_key(job_id, "cancelled")))
 
     def claim_report(self, job_id: str) -> bool:
-        """True for exactly one caller per job completion: that caller writes the report."""
-        return bool(self._redis.set(job_key(job_id, "report_claim"), "1", nx=True))
+        """True for one caller at a time: it writes the report, then calls ``settle_report``.
+
+        The claim expires after ``REPORT_CLAIM_TTL_S`` so that a caller that died while writing does not
+        keep the report from ever being written.
+        """
+        return bool(self._redis.set(job_key(job_id, "report_claim"), "writing", nx=True, ex=REPORT_CLAIM_TTL_S))
+
+    def settle_report(self, job_id: str, written: bool) -> None:
+        """Keep the claim for good once the report is written; release it after a failed write (retried)."""
+        key = job_key(job_id, "report_claim")
+        if written:
+            self._redis.set(key, "written")
+        else:
+            self._redis.delete(key)
 
     def reopen_failures(self, job_id: str) -> list[Failure]:
         """Take the failed images out (uncounting them) so they can be submitted again."""

@@ -7,7 +7,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sam3_batch.contracts.errors import StaleGenerationError
 from sam3_batch.contracts.jobstate import Checkpoint, PlannedCounts, UnknownJobError
+from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
 
@@ -61,10 +63,13 @@ class MemoryJobStore:
             return True
 
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float,
+        generation: int | None = None,
     ) -> bool:
         with self._lock:
             job = self._job(job_id)
+            if generation is not None and generation != job.generation:
+                raise StaleGenerationError(f"chunk {chunk_id} belongs to an older plan of job {job_id}")
             if chunk_id in job.recorded:
                 return False
             job.recorded.add(chunk_id)
@@ -73,7 +78,8 @@ class MemoryJobStore:
                 if outcome.status == "failed":
                     reason = outcome.reason or "unknown"
                     job.failures.append(
-                        Failure(uri=outcome.uri, reason=reason, chunk_id=chunk_id, out_key=outcome.out_key)
+                        Failure(uri=display_uri(outcome.uri), reason=reason, chunk_id=chunk_id,
+                                out_key=outcome.out_key)
                     )
             job.stats["instances"] = job.stats.get("instances", 0.0) + sum(o.instances for o in outcomes)
             job.stats["gpu_seconds"] = job.stats.get("gpu_seconds", 0.0) + gpu_seconds
@@ -123,10 +129,17 @@ class MemoryJobStore:
             claimed, job.report_claimed = job.report_claimed, True
             return not claimed
 
+    def settle_report(self, job_id: str, written: bool) -> None:
+        if not written:
+            with self._lock:
+                self._job(job_id).report_claimed = False
+
     def reopen_failures(self, job_id: str) -> list[Failure]:
         with self._lock:
             job = self._job(job_id)
             taken = [f for f in job.failures if f.out_key is not None]
+            if not taken:
+                return []
             job.failures = [f for f in job.failures if f.out_key is None]
             job.counters["failed"] = job.counters.get("failed", 0) - len(taken)
             job.report_claimed = False

@@ -46,7 +46,10 @@ def safe_relative_key(raw: str) -> str:
 
 def key_from_uri(uri: str) -> str:
     """An output key for an input given by URI alone (manifest lines, http URLs): host/bucket + path."""
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+        raise BadUriError(f"malformed URI {uri!r}: {exc}") from exc
     if parts.scheme in ("s3", "http", "https"):
         raw = f"{parts.netloc}/{parts.path.lstrip('/')}"
         if parts.query:

@@ -74,8 +74,18 @@ def _compact(storage: Storage, output_root: str, job_id: str) -> tuple[IndexInfo
 
 
 def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobReport | None:
-    """Compact the index and write the report exactly once, by whichever caller first sees the job complete."""
+    """Compact the index and write the report once, by whichever caller first sees the job complete.
+
+    The claim holds only while the report is written: a write that fails releases it (and raises), so
+    the next caller that sees the job complete (a redelivered chunk, the producer) writes it.
+    """
     if not store.counters(job_id).complete or not store.claim_report(job_id):
         return None
-    index, commit = _compact(storage, store.spec(job_id).output_root, job_id)
-    return write_report(store, storage, job_id, index, commit)
+    written = False
+    try:
+        index, commit = _compact(storage, store.spec(job_id).output_root, job_id)
+        report = write_report(store, storage, job_id, index, commit)
+        written = True
+        return report
+    finally:
+        store.settle_report(job_id, written)

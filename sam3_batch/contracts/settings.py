@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # Model and inference
     model: str = "facebook/sam3"
     model_revision: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     require_gpu: bool = False  # refuse to start when no GPU is usable (set in the worker images' deployments)
     # autocast-bf16: float32 weights, bfloat16 compute, boxes and scores in float32 (README, "Running on GPUs")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "autocast-bf16"] = "auto"
@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     log_json: bool = False
     task_retries: int = Field(3, ge=0)
+    # Heartbeats: a dead worker's chunks go back on the queue within seconds (off: visibility timeout only).
+    worker_heartbeat: bool = True
 
     # Read only so that redact() can mask it wherever it might appear; boto3 reads AWS_* itself.
     aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")

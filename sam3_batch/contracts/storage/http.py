@@ -264,16 +264,30 @@ class HttpBackend:
         chunks: list[bytes] = []
         total = 0
         try:
-            for chunk in response.stream(_CHUNK_BYTES):
+            for chunk in self._chunks_until(response, uri, deadline):
                 total += len(chunk)
                 if total > self._max_bytes:
                     raise ItemError(redact(f"{uri}: body exceeds http_max_bytes={self._max_bytes}"))
-                if time.monotonic() > deadline:
-                    raise TransientError(redact(f"{uri}: download exceeded {self._timeout_s} s"))
                 chunks.append(chunk)
         except HTTPError as exc:
             raise _mapped_transport_error(exc, uri) from exc
         return b"".join(chunks)
+
+    def _chunks_until(self, response: urllib3.BaseHTTPResponse, uri: str, deadline: float) -> Iterator[bytes]:
+        """The body as it arrives, stopped at the deadline of the whole download.
+
+        ``read1`` returns whatever one receive brings, so a server that trickles one byte at a time is
+        stopped at the deadline too (a read timeout alone would restart with every byte).
+        """
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransientError(redact(f"{uri}: download exceeded http_timeout_s={self._timeout_s}"))
+            _set_read_timeout(response, remaining)
+            chunk = response.read1(_CHUNK_BYTES)
+            if not chunk:
+                return
+            yield chunk
 
 
 def _resolve(target: _Target) -> list[Address]:
@@ -313,6 +327,14 @@ def _mapped_transport_error(exc: HTTPError, uri: str) -> Exception:
     if isinstance(exc, DecodeError):
         return ItemError(message)
     return TransientError(message)  # timeouts, refused connections, resets, protocol errors
+
+
+def _set_read_timeout(response: urllib3.BaseHTTPResponse, seconds: float) -> None:
+    """Make the next receive on the response's socket wait at most ``seconds``."""
+    connection = getattr(response, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))
 
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:

@@ -6,11 +6,13 @@ URIs are taken literally (no percent-decoding), like s3:// keys, so ``join_uri(r
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sam3_batch.contracts.errors import BadUriError, ForbiddenError, NotFoundError
+from sam3_batch.contracts.errors import BadUriError, ForbiddenError, ItemError, NotFoundError
+from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.storage.base import ObjectInfo
 
 # Temp files of in-flight atomic writes end with this and start with '.'; listings skip them.
@@ -37,14 +39,30 @@ class LocalBackend:
     """Objects are files; keys are '/'-separated paths relative to the listed directory."""
 
     def read_bytes(self, uri: str) -> bytes:
-        """The whole file."""
+        """The whole file; only regular files are read (a FIFO or a device would block or never end)."""
         path = local_path(uri)
+        shown = display_uri(uri)
         try:
-            return path.read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise NotFoundError(f"{uri}: no such file") from exc
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise NotFoundError(f"{shown}: no such file") from exc
         except PermissionError as exc:
-            raise ForbiddenError(f"{uri}: permission denied") from exc
+            raise ForbiddenError(f"{shown}: permission denied") from exc
+        except OSError as exc:  # a symlink loop (ELOOP), a name too long, an I/O error ...
+            raise ItemError(f"{shown}: cannot open: {exc.strerror or exc}") from exc
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            if stat.S_ISDIR(mode):
+                raise NotFoundError(f"{shown}: a folder, not a file")
+            raise ItemError(f"{shown}: not a regular file (FIFO, socket or device); only regular files are read")
+        with os.fdopen(fd, "rb") as handle:
+            os.set_blocking(handle.fileno(), True)
+            try:
+                return handle.read()
+            except OSError as exc:
+                raise ItemError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
 
     def write_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         """Write to a temp file in the same directory, then rename over the target (atomic on POSIX)."""
@@ -67,8 +85,15 @@ class LocalBackend:
         return local_path(uri).is_file()
 
     def list_objects(self, prefix_uri: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
-        """Files below the directory ``prefix_uri``, recursively, in ascending key order, lazily."""
+        """Files below the directory ``prefix_uri``, recursively, in ascending key order, lazily.
+
+        A regular file given as the prefix is listed as its only object (a source of one image).
+        """
         root = local_path(prefix_uri)
+        if root.is_file():
+            if root.name > (start_after or ""):
+                yield ObjectInfo(uri=prefix_uri, relative_key=root.name, size=root.stat().st_size)
+            return
         base_uri = prefix_uri.rstrip("/")
         for relative_key, size in _walk_sorted(root, "", start_after or ""):
             yield ObjectInfo(uri=f"{base_uri}/{relative_key}", relative_key=relative_key, size=size)
@@ -114,11 +139,20 @@ def _walk_sorted(directory: Path, prefix: str, start_after: str) -> Iterator[tup
 
 
 def _file_size(entry: os.DirEntry[str]) -> int | None:
-    """Size of a regular file (symlinks followed); None for anything else or a file deleted meanwhile."""
+    """Size of a regular file (symlinks followed); None for a FIFO, socket, device or a file deleted meanwhile.
+
+    An entry that cannot even be inspected (a symlink loop, a dangling link, no permission) is listed with
+    size 0: reading it then fails that one image with the reason, instead of stopping the listing.
+    """
     try:
-        return entry.stat().st_size if entry.is_file() else None
+        if entry.is_file():
+            return entry.stat().st_size
     except FileNotFoundError:
         return None
+    except OSError:
+        return 0
+    dangling = entry.is_symlink() and not os.path.lexists(os.path.realpath(entry.path))
+    return 0 if dangling else None
 
 
 def _is_temp_file(name: str) -> bool:
