@@ -28,6 +28,7 @@ class SourceItem:
     out_key: str
     position: str
     prompts: list[str] | None = None
+    size: int | None = None  # bytes, where the listing gives them (for `submit --dry-run`)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class PrefixSource:
             except BadUriError as exc:
                 yield SourceProblem(obj.uri, str(exc), obj.relative_key)
                 continue
-            yield SourceItem(uri=obj.uri, out_key=out_key, position=obj.relative_key)
+            yield SourceItem(uri=obj.uri, out_key=out_key, position=obj.relative_key, size=obj.size)
 
 
 def _prompts_field(value: object) -> list[str] | None:

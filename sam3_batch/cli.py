@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from typing import Annotated, Any, Literal
 
 import typer
@@ -12,7 +14,7 @@ from sam3_batch import jobs, progress
 from sam3_batch.contracts.errors import Sam3BatchError
 from sam3_batch.contracts.jobstate import RedisJobStore, UnknownJobError
 from sam3_batch.contracts.redact import register_secret
-from sam3_batch.contracts.schemas import OutputOptions, Thresholds
+from sam3_batch.contracts.schemas import JobSpec, OutputOptions, Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.logs import setup_logging
 
@@ -37,6 +39,12 @@ SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata alr
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+MaxFailedFraction = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="With --wait/--watch: exit 0 while at most this fraction of images failed.")]
+ProgressEvery = Annotated[float | None, typer.Option(
+    min=0.1, help="Off a terminal: seconds between progress lines (default SAM3_BATCH_PROGRESS_INTERVAL_S).")]
+
+log = logging.getLogger("sam3_batch.cli")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -93,25 +101,54 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            revision: Revision = None,
            resume: Annotated[str | None, typer.Option(help="Resume this job id.")] = None,
            wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
+           dry_run: Annotated[bool, typer.Option(help="List and plan only: counts, bytes, chunks, GPU-hours.")
+                              ] = False,
+           rate: Annotated[float | None, typer.Option(
+               min=0.001, help="With --dry-run: images/s per GPU (default: the newest complete job's).")] = None,
+           max_failed_fraction: MaxFailedFraction = 0.0, progress_every: ProgressEvery = None,
            as_json: JsonOut = False) -> None:
-    """Enqueue a job for GPU workers and print its id."""
-    settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision)
+    """Enqueue a job for GPU workers; its id is the first line printed, then progress while feeding."""
+    settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision,
+                         progress_interval_s=progress_every)
     if not resume and (not out_root or not prompt):
         raise typer.BadParameter("--out and at least one --prompt are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing)
-    summary = jobs.submit(request, settings, resume_job=resume)
+    if dry_run:
+        _print_plan(jobs.dry_run(request, settings, rate), as_json)
+        return
+    store = RedisJobStore(settings.state_redis_url())
+    ticker = progress.FeedProgress(store, sys.stderr, settings.progress_interval_s, settings.log_json)
+    summary = jobs.submit(request, settings, resume_job=resume, on_started=lambda spec: _announce(spec, as_json),
+                          on_progress=ticker)
     if as_json:
         out.print_json(json.dumps(summary.__dict__))
     else:
-        out.print(summary.job_id)
         console.print(f"enqueued {summary.images_enqueued} images in {summary.chunks_sent} chunks, "
                       f"skipped {summary.skipped}, bad entries {summary.problems}")
     if wait:
-        store = RedisJobStore(settings.state_redis_url())
-        final = progress.watch(store, summary.job_id, console)
-        if final.failed:
-            raise typer.Exit(code=2)
+        final = progress.watch(store, summary.job_id, console, stream=sys.stderr,
+                               line_every_s=settings.progress_interval_s, as_json=settings.log_json)
+        raise typer.Exit(code=progress.exit_code(final, max_failed_fraction))
+
+
+def _announce(spec: JobSpec, as_json: bool) -> None:
+    """The job id first, before anything is listed: a producer that dies later still leaves it in its log."""
+    if not as_json:
+        progress.write_line(sys.stdout, spec.job_id)
+    log.info("job %s submitted: resume with `sam3-batch submit --resume %s`", spec.job_id, spec.job_id,
+             extra={"job_id": spec.job_id})
+
+
+def _print_plan(plan: jobs.PlanEstimate, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(plan.as_dict()))
+        return
+    size = "unknown size" if plan.bytes is None else f"{plan.bytes / 1e9:.3f} GB"
+    gpu = ("GPU-hours unknown (pass --rate IMAGES_PER_S)" if plan.gpu_hours is None
+           else f"~{plan.gpu_hours:.2f} GPU-hours at {plan.seconds_per_image:.4f} s/image ({plan.estimate_from})")
+    progress.write_line(sys.stdout, f"dry run: {plan.images} images ({size}) in {plan.chunks} chunks, skipped "
+                        f"{plan.skipped}, bad entries {plan.problems}; {gpu}; nothing was enqueued")
 
 
 @app.command()
@@ -131,23 +168,47 @@ def _store() -> RedisJobStore:
 
 @app.command()
 def status(job_id: str, as_json: JsonOut = False,
-           follow: Annotated[bool, typer.Option("--watch", help="Live progress bar.")] = False) -> None:
+           follow: Annotated[bool, typer.Option("--watch", help="Follow until the job ends (exit code as "
+                                                "submit --wait).")] = False,
+           max_failed_fraction: MaxFailedFraction = 0.0, progress_every: ProgressEvery = None) -> None:
     """Show a job's total/done/failed/skipped, images/s and ETA."""
-    store = _store()
-    snapshot = progress.watch(store, job_id, console) if follow else progress.job_status(store, job_id)
+    settings = _settings(progress_interval_s=progress_every)
+    store = RedisJobStore(settings.state_redis_url())
+    if follow:
+        final = progress.watch(store, job_id, Console(), stream=sys.stdout,
+                               line_every_s=settings.progress_interval_s, as_json=as_json)
+        raise typer.Exit(code=progress.exit_code(final, max_failed_fraction))
+    snapshot = progress.job_status(store, job_id)
     if as_json:
         out.print_json(json.dumps(snapshot.as_dict()))
-    elif not follow:
-        progress.print_status(snapshot, out)
+    else:
+        progress.write_line(sys.stdout, progress.status_line(snapshot))
 
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Stop a job: queued chunks are dropped, nothing new is written."""
-    store = _store()
-    store.spec(job_id)
+    """Stop a job: queued chunks are dropped, nothing new is written, its report says cancelled."""
+    settings = _settings()
+    store = RedisJobStore(settings.state_redis_url())
+    snapshot = progress.job_status(store, job_id)
+    if snapshot.ended:
+        progress.write_line(sys.stdout, f"job {job_id} already ended ({snapshot.state}): nothing to cancel")
+        return
     store.cancel(job_id)
-    out.print(f"cancelled {job_id}")
+    jobs.finalize_ended(store, settings, job_id)
+    progress.write_line(sys.stdout, f"cancelled {job_id}")
+
+
+@app.command()
+def delete(job_id: str,
+           force: Annotated[bool, typer.Option(help="Also delete a job that is still running.")] = False) -> None:
+    """Remove a job's state from Redis (its outputs and report in storage stay)."""
+    store = _store()
+    snapshot = progress.job_status(store, job_id)
+    if not snapshot.ended and not force:
+        raise typer.BadParameter(f"job {job_id} is {snapshot.state}: cancel it first (or pass --force)")
+    store.delete(job_id)
+    progress.write_line(sys.stdout, f"deleted {job_id}")
 
 
 @app.command("jobs")
@@ -159,18 +220,18 @@ def list_jobs(as_json: JsonOut = False) -> None:
         out.print_json(json.dumps([s.as_dict() for s in statuses]))
         return
     for snapshot in statuses:
-        progress.print_status(snapshot, out)
+        progress.write_line(sys.stdout, progress.status_line(snapshot))
 
 
 @app.command()
 def failures(job_id: str, as_json: JsonOut = False) -> None:
-    """Print a job's failed images with their reasons."""
+    """Print a job's failed images with their reasons (one line each: URI, a tab, the reason)."""
     found = _store().failures(job_id)
     if as_json:
         out.print_json(json.dumps([f.model_dump() for f in found]))
         return
     for failure in found:
-        out.print(f"{failure.uri}\t{failure.reason}", markup=False, highlight=False)
+        progress.write_line(sys.stdout, f"{failure.uri}\t{failure.reason}")
 
 
 @app.command("retry-failed")
@@ -196,10 +257,11 @@ def index_cmd(job_id: str,
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
-    out.print(f"{job_id}: {summary.rows} rows ({summary.images} images, {summary.instances} instances) "
-              f"from {summary.parts_read} parts -> {summary.files_written} files", markup=False, highlight=False)
+    progress.write_line(sys.stdout, f"{job_id}: {summary.rows} rows ({summary.images} images, "
+                        f"{summary.instances} instances) from {summary.parts_read} parts -> "
+                        f"{summary.files_written} files")
     for uri in summary.uris:
-        out.print(f"  {uri}", markup=False, highlight=False)
+        progress.write_line(sys.stdout, f"  {uri}")
 
 
 def main() -> None:

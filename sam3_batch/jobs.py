@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import redis
 
+from sam3_batch.contracts.errors import reason_of
 from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
 from sam3_batch.contracts.jobstate_memory import MemoryJobStore
 from sam3_batch.contracts.report import build_report, finalize_if_complete
@@ -17,8 +20,12 @@ from sam3_batch.contracts.storage import Storage
 from sam3_batch.embedded import InlineDispatcher
 from sam3_batch.producer.backpressure import Backpressure, QueueDepth
 from sam3_batch.producer.dispatch import CeleryDispatcher
-from sam3_batch.producer.sources import Source, open_source
+from sam3_batch.producer.done_index import DoneIndex
+from sam3_batch.producer.planner import plan_chunks
+from sam3_batch.producer.sources import Source, SourceEntry, SourceItem, open_source
 from sam3_batch.producer.submit import ProducerSummary, new_job_id, run_producer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
         job_id=job_id or new_job_id(), prompts=request.prompts, thresholds=request.thresholds,
         outputs=request.outputs, output_root=request.output_root, model_id=settings.model,
         model_revision=settings.model_revision, dtype=settings.dtype, created_at=time.time(),
-        inputs=request.inputs, manifest=request.manifest,
+        inputs=request.inputs, manifest=request.manifest, state_ttl_s=settings.finished_job_ttl_s or None,
     )
 
 
@@ -83,26 +90,52 @@ def celery_dispatcher(settings: Settings, store: RedisJobStore) -> CeleryDispatc
     return CeleryDispatcher(app, settings.queue, backpressure)
 
 
-def submit(request: JobRequest, settings: Settings, resume_job: str | None = None) -> ProducerSummary:
-    """Store the spec (or reuse a resumed job's) and enqueue every image not yet done."""
-    storage = Storage(settings)
+def submit(request: JobRequest, settings: Settings, resume_job: str | None = None, *,
+           on_started: Callable[[JobSpec], None] = lambda spec: None,
+           on_progress: Callable[[ProducerSummary], None] = lambda summary: None) -> ProducerSummary:
+    """Store the spec (or reuse a resumed job's), announce it through ``on_started`` before anything is
+    listed, then enqueue every image not yet done. A source that fails ends the job in state ``failed``."""
     store = RedisJobStore(settings.state_redis_url())
     if resume_job:
         spec = store.spec(resume_job)
         _prepare_resume(store, resume_job)
-        source = _source_of(spec, storage, request)
-        skip = True
     else:
         spec = build_spec(request, settings)
         store.create(spec)
-        source = open_source(storage, request.inputs, request.manifest)
-        skip = request.skip_existing
-    dispatcher = celery_dispatcher(settings, store)
-    return run_producer(spec, source, store, storage, dispatcher, settings.chunk_size, skip_existing=skip)
+    on_started(spec)
+    storage = Storage(settings)
+    try:
+        source = _source_of(spec, storage, request) if resume_job else open_source(
+            storage, request.inputs, request.manifest)
+        dispatcher = celery_dispatcher(settings, store)
+        return run_producer(spec, source, store, storage, dispatcher, settings.chunk_size,
+                            skip_existing=bool(resume_job) or request.skip_existing, on_progress=on_progress)
+    except Exception as exc:  # the job cannot go on without its source; Ctrl-C leaves it resumable
+        fail_job(store, storage, spec.job_id, reason_of(exc))
+        raise
+
+
+def fail_job(store: JobStore, storage: Storage, job_id: str, reason: str) -> None:
+    """End a job in state ``failed`` with a reason, and write its report."""
+    store.set_error(job_id, reason)
+    _write_final_report(store, storage, job_id)
+
+
+def finalize_ended(store: JobStore, settings: Settings, job_id: str) -> None:
+    """Write the report of a job that just ended by hand (a cancel)."""
+    _write_final_report(store, Storage(settings), job_id)
+
+
+def _write_final_report(store: JobStore, storage: Storage, job_id: str) -> None:
+    try:
+        finalize_if_complete(store, storage, job_id)
+    except Exception as exc:  # the output root may be what failed; the state in Redis says it all
+        log.warning("job %s: could not write its report: %s", job_id, reason_of(exc))
 
 
 def _prepare_resume(store: JobStore, job_id: str) -> None:
     """Continue an unfinished listing from its checkpoint; replan a finished or cancelled job afresh."""
+    store.set_error(job_id, None)  # a failed job (e.g. its listing broke off) goes on from its checkpoint
     if store.is_cancelled(job_id) or store.counters(job_id).listing_complete:
         store.start_generation(job_id)
 
@@ -129,3 +162,62 @@ def retry_failed(settings: Settings, job_id: str) -> int:
         dispatcher.send(chunk)
     return len(failures)
 
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    """What `submit --dry-run` found: the job's size and its estimated GPU time, nothing enqueued."""
+
+    images: int
+    chunks: int
+    skipped: int
+    problems: int
+    bytes: int | None  # None when the listing gives no sizes (manifests, URLs)
+    seconds_per_image: float | None  # GPU-seconds per image used for the estimate
+    estimate_from: str  # "--rate", "job <id>" or "none"
+    gpu_hours: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def dry_run(request: JobRequest, settings: Settings, rate: float | None = None) -> PlanEstimate:
+    """List and plan a job without creating it: counts, bytes, chunks and GPU-hours at ``rate`` images/s
+    per GPU (or at the GPU-seconds per image of the newest complete job)."""
+    storage = Storage(settings)
+    source = open_source(storage, request.inputs, request.manifest)
+    done = DoneIndex.from_output_root(storage, request.output_root) if request.skip_existing else None
+    sizes: list[int | None] = []
+
+    def sized(entries: Iterator[SourceEntry]) -> Iterator[SourceEntry]:
+        for entry in entries:
+            if isinstance(entry, SourceItem):
+                sizes.append(entry.size)
+            yield entry
+
+    images = chunks = skipped = problems = 0
+    is_done = (lambda key: key in done) if done is not None else (lambda key: False)
+    for planned in plan_chunks(sized(source.entries(None)), "dry-run", settings.chunk_size, 0, is_done, 0):
+        chunks += planned.message is not None
+        images += len(planned.message.items) if planned.message else 0
+        skipped, problems = skipped + planned.skipped, problems + len(planned.problems)
+    per_image, origin = (1.0 / rate, "--rate") if rate else _last_job_seconds_per_image(settings)
+    known = [s for s in sizes if s is not None]
+    return PlanEstimate(
+        images=images, chunks=chunks, skipped=skipped, problems=problems,
+        bytes=sum(known) if known and len(known) == len(sizes) else None, seconds_per_image=per_image,
+        estimate_from=origin, gpu_hours=None if per_image is None else images * per_image / 3600,
+    )
+
+
+def _last_job_seconds_per_image(settings: Settings) -> tuple[float | None, str]:
+    """GPU-seconds per image of the newest complete job in Redis, if there is one and Redis answers."""
+    try:
+        store = RedisJobStore(settings.state_redis_url(), retries=0)
+        for job_id in store.job_ids():
+            counters, stats = store.counters(job_id), store.stats(job_id)
+            if counters.complete and counters.done and stats.gpu_seconds > 0:
+                return stats.gpu_seconds / counters.done, f"job {job_id}"
+    except redis.RedisError:
+        pass  # no Redis to learn from: the plan is still worth printing
+    return None, "none"

@@ -63,7 +63,7 @@ def test_worker_metrics_count_every_image_stage_batch_and_model_load(
     assert sample_value(samples, "sam3_batch_size_sum") == len(IMAGES)
     assert sample_value(samples, "sam3_chunks_total", result="counted") == 2
     assert sample_value(samples, "sam3_model_load_seconds") > 0
-    instances = RedisJobStore(settings.state_redis_url()).stats(job_id)["instances"]
+    instances = RedisJobStore(settings.state_redis_url()).stats(job_id).instances
     assert sample_value(samples, "sam3_instances_total") == instances > 0
 
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sam3_batch.contracts.jobstate import Checkpoint, PlannedCounts, UnknownJobError
+from sam3_batch.contracts.jobstate import Checkpoint, JobStats, PlannedCounts, UnknownJobError
 from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
 
@@ -22,6 +22,7 @@ class _Job:
     failures: list[Failure] = field(default_factory=list)
     listing_complete: bool = False
     cancelled: bool = False
+    error: str | None = None
     report_claimed: bool = False
     checkpoint: Checkpoint | None = None
     generation: int = 0
@@ -101,8 +102,21 @@ class MemoryJobStore:
             skipped=c.get("skipped", 0), listing_complete=job.listing_complete,
         )
 
-    def stats(self, job_id: str) -> dict[str, float]:
-        return dict(self._job(job_id).stats)
+    def stats(self, job_id: str) -> JobStats:
+        job = self._job(job_id)
+        return JobStats(
+            started_at=job.stats.get("started_at", time.time()), last_update=job.stats.get("last_update"),
+            gpu_seconds=job.stats.get("gpu_seconds", 0.0), instances=int(job.stats.get("instances", 0)),
+            error=job.error,
+        )
+
+    def set_error(self, job_id: str, reason: str | None) -> None:
+        job = self._job(job_id)
+        job.error = reason
+        if reason is None:
+            job.report_claimed = False
+        else:
+            job.stats["last_update"] = time.time()
 
     def failures(self, job_id: str, limit: int | None = None) -> list[Failure]:
         failures = self._job(job_id).failures
@@ -134,6 +148,13 @@ class MemoryJobStore:
 
     def job_ids(self) -> list[str]:
         return list(self._jobs)
+
+    def expire(self, job_id: str, seconds: int | None) -> None:
+        """Nothing to do: the store lives only as long as its process."""
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
 
     def generation(self, job_id: str) -> int:
         return self._job(job_id).generation

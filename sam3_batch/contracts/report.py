@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
+from sam3_batch.contracts.accounting import account_job
 from sam3_batch.contracts.jobstate import JobStore
 from sam3_batch.contracts.keys import job_dir_uri, join_uri
 from sam3_batch.contracts.schemas import JobReport, ModelInfo
@@ -20,20 +19,14 @@ def report_uri(output_root: str, job_id: str) -> str:
 def build_report(store: JobStore, job_id: str) -> JobReport:
     """A snapshot of the job: counts, failures with reasons, throughput, model, GPU-seconds."""
     spec = store.spec(job_id)
-    counters = store.counters(job_id)
-    stats = store.stats(job_id)
-    started = stats.get("started_at", spec.created_at or time.time())
-    finished = stats.get("last_update", time.time()) if counters.complete else time.time()
-    wall = max(finished - started, 1e-9)
-    state = "cancelled" if store.is_cancelled(job_id) else ("complete" if counters.complete else "running")
+    account = account_job(store, job_id)
     return JobReport(
-        job_id=job_id, state=state, counters=counters,
+        job_id=job_id, state=account.state, counters=account.counters,
         model=ModelInfo(id=spec.model_id, revision=spec.model_revision),
         prompts=list(spec.prompts), output_root=spec.output_root, source=spec.source,
-        started_at=started, finished_at=finished, wall_seconds=wall,
-        images_per_second=(counters.done + counters.failed) / wall,
-        gpu_seconds=stats.get("gpu_seconds", 0.0),
-        failures=store.failures(job_id, limit=REPORT_FAILURE_LIMIT),
+        started_at=account.started_at, finished_at=account.finished_at, wall_seconds=account.wall_seconds,
+        images_per_second=account.images_per_second, gpu_seconds=account.stats.gpu_seconds,
+        failures=store.failures(job_id, limit=REPORT_FAILURE_LIMIT), error=account.stats.error,
     )
 
 
@@ -46,7 +39,10 @@ def write_report(store: JobStore, storage: Storage, job_id: str) -> JobReport:
 
 
 def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobReport | None:
-    """Write the report exactly once, by whichever caller first sees the job complete."""
-    if not store.counters(job_id).complete or not store.claim_report(job_id):
+    """Write the report exactly once, by whichever caller first sees the job ended (complete, cancelled
+    or failed); the job's state in Redis then expires after the spec's ``state_ttl_s``."""
+    if not account_job(store, job_id).ended or not store.claim_report(job_id):
         return None
-    return write_report(store, storage, job_id)
+    report = write_report(store, storage, job_id)
+    store.expire(job_id, store.spec(job_id).state_ttl_s)
+    return report

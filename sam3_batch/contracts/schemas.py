@@ -52,6 +52,7 @@ class JobSpec(_Strict):
     created_at: float = 0.0
     inputs: list[str] = Field(default_factory=list)  # an S3 prefix / folder, or http(s) URLs
     manifest: str | None = None
+    state_ttl_s: int | None = Field(None, ge=1)  # job state expires this long after the job ended
 
     @property
     def source(self) -> str:
@@ -179,7 +180,7 @@ class JobReport(_Strict):
     """Written to ``<output_root>/_job/<job_id>/report.json`` when the job ends."""
 
     job_id: str
-    state: Literal["complete", "cancelled", "running"]
+    state: Literal["complete", "cancelled", "failed", "running"]
     counters: JobCounters
     model: ModelInfo
     prompts: list[str]
@@ -191,3 +192,4 @@ class JobReport(_Strict):
     images_per_second: float
     gpu_seconds: float
     failures: list[Failure]
+    error: str | None = None  # why the job as a whole failed
