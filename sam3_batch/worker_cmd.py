@@ -7,24 +7,45 @@ import socket
 
 from celery.signals import worker_process_init
 
+from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.contracts.settings import Settings
-from sam3_batch.worker import metrics
+from sam3_batch.worker import health
 from sam3_batch.worker.celery_app import configure_app
+from sam3_batch.worker.pipeline import SegmentationRuntime
 from sam3_batch.worker.state import init_worker_state
 
 log = logging.getLogger(__name__)
 
 
+def warm_up(runtime: SegmentationRuntime) -> None:
+    """One small batch through the model, so the first chunk does not pay for kernel selection."""
+    from PIL import Image
+
+    image = runtime.preparer(Image.new("RGB", (64, 64), (128, 128, 128)))
+    runtime.segment([image], [["object"]], Thresholds())
+
+
+def _load_and_warm(settings: Settings) -> None:
+    state = init_worker_state(settings)
+    warm_up(state.chunk_context.runtime)
+    health.HEALTH.set_ready()
+    log.info("model warm: worker ready")
+
+
 def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run the worker until it is told to stop (SIGTERM: warm shutdown, the chunk in hand finishes)."""
     app = configure_app(settings)
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
+    health.HEALTH.configure(settings.health_stale_s, settings.health_chunk_limit_s)
+    if settings.metrics_port:  # /metrics, /healthz and /readyz answer while the model loads
+        health.serve(health.HEALTH, settings.metrics_port)
+    app.steps["worker"].add(health.heartbeat_step(health.HEALTH, min(5.0, settings.health_stale_s / 4)))
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
+        # The probes are served by the parent, which sees no child's model: it reports ready at once.
         worker_process_init.connect(lambda **_: init_worker_state(settings), weak=False)
+        health.HEALTH.set_ready()
     else:
-        init_worker_state(settings)
+        _load_and_warm(settings)
     argv = [
         "worker", "--queues", settings.queue, "--pool", pool, "--concurrency", str(concurrency),
         "--loglevel", loglevel, "--hostname", hostname or f"sam3@{socket.gethostname()}",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -16,11 +16,6 @@ BATCH_SIZE = Histogram("sam3_batch_size", "Images per model batch", buckets=(1, 
 CHUNKS = Counter("sam3_chunks_total", "Chunks handled, by result", ["result"])
 MODEL_LOAD_SECONDS = Gauge("sam3_model_load_seconds", "Time the resident model took to load")
 GPU_MEMORY_BYTES = Gauge("sam3_gpu_memory_bytes", "GPU memory", ["kind"])
-
-
-def serve(port: int) -> None:
-    """Expose /metrics on ``port`` (a daemon thread)."""
-    start_http_server(port)
 
 
 def observe_stage(stage: str, seconds: float) -> None:

@@ -18,6 +18,7 @@ from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import ChunkMessage, ItemOutcome
 from sam3_batch.worker import metrics
 from sam3_batch.worker.celery_app import app
+from sam3_batch.worker.health import HEALTH
 from sam3_batch.worker.parquet_parts import write_chunk_part
 from sam3_batch.worker.pipeline import ChunkResult, process_chunk
 from sam3_batch.worker.state import WorkerState, worker_state
@@ -156,4 +157,5 @@ def run_chunk_task(task: Task, message: dict[str, Any]) -> str:
 @app.task(bind=True, name=TASK_NAME, max_retries=None)  # type: ignore[untyped-decorator]
 def process_chunk_task(self: Task, message: dict[str, Any]) -> str:
     """Celery entry point for one chunk message."""
-    return run_chunk_task(self, message)
+    with HEALTH.chunk(str(self.request.id)):  # /healthz fails if this one chunk runs past its limit
+        return run_chunk_task(self, message)
