@@ -80,7 +80,7 @@ def test_a_worker_stuck_in_one_chunk_fails_healthz_but_stays_ready(
                          "-p", "cat"], settings)
     assert submitted.returncode == 0, submitted.stderr
 
-    status, body = wait_until(lambda: (p := probe(port, "/healthz")) and p[0] == 503 and p, 60,
+    _, body = wait_until(lambda: (p := probe(port, "/healthz")) and p[0] == 503 and p, 60,
                               "/healthz to fail", details=lambda: worker.log()[-3000:])
     assert silent_server.held  # the chunk waits on the stalled image host
     assert "one chunk has run for" in body and "limit 3s" in body
