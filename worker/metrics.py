@@ -14,6 +14,11 @@ STAGE_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram("sam3_batch_size", "Images per model batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 CHUNKS = Counter("sam3_chunks_total", "Chunks handled, by result", ["result"])
+TRANSIENT_ERRORS = Counter(
+    "sam3_transient_errors_total", "Transient errors per image, by operation (load, model, write, chunk)",
+    ["operation"],
+)
+TASK_RETRIES = Counter("sam3_task_retries_total", "Chunk task retries scheduled after transient errors")
 MODEL_LOAD_SECONDS = Gauge("sam3_model_load_seconds", "Time the resident model took to load")
 GPU_MEMORY_BYTES = Gauge("sam3_gpu_memory_bytes", "GPU memory", ["kind"])
 

@@ -87,18 +87,32 @@ def _automatic_batch_size(runtime: SegmentationRuntime) -> int:
     return int(suggest()) if callable(suggest) else 8
 
 
+@dataclass(frozen=True)
+class TransientFailure:
+    """One transient error as it happened: which image, in which operation (load, model, write), why."""
+
+    uri: str
+    operation: str
+    reason: str
+
+
 @dataclass
 class ChunkResult:
     """How every item of a chunk ended, plus the items worth another attempt later."""
 
     outcomes: list[ItemOutcome] = field(default_factory=list)
     retry_later: list[ItemOutcome] = field(default_factory=list)
+    transient: list[TransientFailure] = field(default_factory=list)  # this attempt's, for the logs
     metadata: list[ImageMetadata] = field(default_factory=list)  # every done image's, for the index
     model_seconds: float = 0.0
 
 
-def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool) -> None:
+def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool,
+             operation: str) -> None:
     outcome = ItemOutcome(uri=item.uri, status="failed", reason=failure.reason, out_key=item.out_key)
+    if failure.transient:
+        metrics.TRANSIENT_ERRORS.labels(operation=operation).inc()
+        result.transient.append(TransientFailure(item.uri, operation, failure.reason))
     if failure.transient and not final_attempt:
         result.retry_later.append(outcome)
         return
@@ -170,7 +184,7 @@ class _ChunkRun:
 
     def _accept_load(self, item: WorkItem, loaded: LoadResult) -> Iterator[LoadedImage]:
         if isinstance(loaded, StageFailure):
-            _failure(item, loaded, self.result, self.final_attempt)
+            _failure(item, loaded, self.result, self.final_attempt, "load")
         elif isinstance(loaded, AlreadyDone):
             self.done(item, loaded.metadata)
         else:
@@ -208,7 +222,7 @@ class _ChunkRun:
         try:
             self.run_batch([entry])
         except Exception as exc:
-            _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt)
+            _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt, "model")
 
     def submit_write(self, entry: LoadedImage, detections: list[PromptDetections]) -> None:
         job = ImageJob(
@@ -234,7 +248,7 @@ class _ChunkRun:
 
     def _accept_write(self, item: WorkItem, written: WriteResult) -> None:
         if isinstance(written, StageFailure):
-            _failure(item, written, self.result, self.final_attempt)
+            _failure(item, written, self.result, self.final_attempt, "write")
             return
         assert isinstance(written, WrittenImage)
         metrics.observe_stage("encode_upload", written.seconds)
@@ -266,7 +280,7 @@ def process_chunk(
                 run.run_batch(batch)
             except Exception as exc:
                 for entry in batch:
-                    _failure(entry.item, StageFailure.of(exc), run.result, final_attempt)
+                    _failure(entry.item, StageFailure.of(exc), run.result, final_attempt, "model")
     finally:
         run.collect_writes()
     return run.result

@@ -1,4 +1,4 @@
-"""Honest probes: /healthz fails for a worker stuck in one chunk, /readyz stays failing while the model loads."""
+"""Diagnosable workers: honest /healthz and /readyz probes, and transient errors that say what and why."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from typing import Any
 
 import pytest
 
+from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.worker.health import Health
+from sam3_batch.worker.tasks import retry_countdown
+from tests.fixtures.faulty_proxy import FaultyProxy
+from tests.fixtures.metrics import sample_value, scrape
 from tests.fixtures.services import free_port
-from tests.fixtures.workers import run_cli, wait_until
+from tests.fixtures.workers import run_cli, wait_for_job, wait_until
 
 
 def probe(port: int, path: str) -> tuple[int, str] | None:
@@ -117,3 +121,38 @@ def test_liveness_rules_between_and_inside_chunks() -> None:
         now[0] += 31
         assert health.liveness() == (False, "one chunk has run for 31s (limit 30s)")
     assert health.liveness() == (True, "alive")  # the chunk's end counts as a beat
+
+
+@pytest.mark.slow
+def test_transient_errors_are_logged_with_uri_operation_and_cause_counted_and_retried_with_jitter(
+    settings_factory: Callable[..., Settings], tiny_checkpoint: Path, faulty_s3: FaultyProxy, s3_client: Any,
+    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any,
+) -> None:
+    port = free_port()
+    settings = settings_factory(model=str(tiny_checkpoint), device="cpu", chunk_size=2, batch_size=2,
+                                metrics_port=port, s3_endpoint_url=faulty_s3.endpoint_url, s3_max_attempts=1)
+    for name in ("a.jpg", "b.jpg"):
+        s3_client.put_object(Bucket=s3_bucket, Key=f"in/{name}", Body=image_bytes_factory("jpeg"))
+    faulty_s3.add_fault("GET", f"/{s3_bucket}/in/a.jpg", "slowdown", times=2)
+    worker = worker_factory(settings)
+
+    submitted = run_cli(["submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "-p", "cat"],
+                        settings)
+    assert submitted.returncode == 0, submitted.stderr
+    counters = wait_for_job(RedisJobStore(settings.state_redis_url()), submitted.stdout.splitlines()[0],
+                            workers=[worker])
+
+    assert (counters.done, counters.failed) == (2, 0)
+    line = f"transient error in load of s3://{s3_bucket}/in/a.jpg: "
+    worker.wait_for_log(line, count=2, timeout=10)
+    assert "SlowDown" in worker.log().split(line, 1)[1].splitlines()[0]
+    samples = scrape(port)
+    assert sample_value(samples, "sam3_transient_errors_total", operation="load") == 2
+    assert sample_value(samples, "sam3_task_retries_total") == 2
+
+
+def test_task_retry_countdowns_grow_exponentially_with_jitter_and_a_cap() -> None:
+    for retries, cap in ((0, 2), (1, 4), (2, 8), (10, 60)):
+        drawn = [retry_countdown(retries) for _ in range(400)]
+        assert min(drawn) >= 0 and max(drawn) <= cap
+        assert len(set(drawn)) > 1  # jitter: a fleet hit by one outage does not retry in lockstep
