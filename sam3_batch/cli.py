@@ -39,6 +39,7 @@ SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata alr
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Queue = Annotated[str | None, typer.Option(help="Celery queue (default SAM3_BATCH_QUEUE): one per model.")]
 MaxFailedFraction = Annotated[float, typer.Option(
     min=0.0, max=1.0, help="With --wait/--watch: exit 0 while at most this fraction of images failed.")]
 ProgressEvery = Annotated[float | None, typer.Option(
@@ -106,10 +107,10 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            rate: Annotated[float | None, typer.Option(
                min=0.001, help="With --dry-run: images/s per GPU (default: the newest complete job's).")] = None,
            max_failed_fraction: MaxFailedFraction = 0.0, progress_every: ProgressEvery = None,
-           as_json: JsonOut = False) -> None:
+           queue: Queue = None, as_json: JsonOut = False) -> None:
     """Enqueue a job for GPU workers; its id is the first line printed, then progress while feeding."""
     settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision,
-                         progress_interval_s=progress_every)
+                         progress_interval_s=progress_every, queue=queue)
     if not resume and (not out_root or not prompt):
         raise typer.BadParameter("--out and at least one --prompt are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
@@ -155,11 +156,11 @@ def _print_plan(plan: jobs.PlanEstimate, as_json: bool) -> None:
 def worker(pool: Annotated[str, typer.Option(help="threads (default), solo or prefork.")] = "threads",
            concurrency: Annotated[int, typer.Option(min=1, help="Chunks in flight at once.")] = 2,
            loglevel: Annotated[str, typer.Option()] = "INFO",
-           hostname: Annotated[str | None, typer.Option()] = None) -> None:
+           hostname: Annotated[str | None, typer.Option()] = None, queue: Queue = None) -> None:
     """Start a Celery worker holding one resident SAM 3 model (one per GPU)."""
     from sam3_batch.worker_cmd import start_worker
 
-    start_worker(_settings(), pool=pool, concurrency=concurrency, loglevel=loglevel, hostname=hostname)
+    start_worker(_settings(queue=queue), pool=pool, concurrency=concurrency, loglevel=loglevel, hostname=hostname)
 
 
 def _store() -> RedisJobStore:

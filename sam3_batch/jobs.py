@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import redis
 
-from sam3_batch.contracts.errors import reason_of
+from sam3_batch.contracts.errors import Sam3BatchError, reason_of
 from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
 from sam3_batch.contracts.jobstate_memory import MemoryJobStore
+from sam3_batch.contracts.registry import live_workers, model_refusal
 from sam3_batch.contracts.report import build_report, finalize_if_complete
 from sam3_batch.contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
@@ -62,6 +63,9 @@ def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     store = MemoryJobStore()
     spec = build_spec(request, settings)  # after the model load, so throughput counts the work only
     store.create(spec)
+    commit = getattr(context.runtime, "commit", None)
+    if commit:
+        store.note_model_commit(spec.job_id, commit)
     try:
         dispatcher = InlineDispatcher(spec, store, context)
         run_producer(spec, source, store, storage, dispatcher, settings.chunk_size,
@@ -96,11 +100,14 @@ def submit(request: JobRequest, settings: Settings, resume_job: str | None = Non
     """Store the spec (or reuse a resumed job's), announce it through ``on_started`` before anything is
     listed, then enqueue every image not yet done. A source that fails ends the job in state ``failed``."""
     store = RedisJobStore(settings.state_redis_url())
+    spec = store.spec(resume_job) if resume_job else build_spec(request, settings)
+    refusal = model_refusal(live_workers(store.client, settings.queue), settings.queue, spec.model_id,
+                            spec.model_revision)
+    if refusal:
+        raise Sam3BatchError(refusal)
     if resume_job:
-        spec = store.spec(resume_job)
         _prepare_resume(store, resume_job)
     else:
-        spec = build_spec(request, settings)
         store.create(spec)
     on_started(spec)
     storage = Storage(settings)

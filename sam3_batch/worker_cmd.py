@@ -6,7 +6,10 @@ import logging
 import socket
 
 from celery.signals import worker_process_init
+from celery.utils.nodenames import host_format
 
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.registry import WorkerEntry, register_worker, unregister_worker
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.worker import health
@@ -25,11 +28,15 @@ def warm_up(runtime: SegmentationRuntime) -> None:
     runtime.segment([image], [["object"]], Thresholds())
 
 
-def _load_and_warm(settings: Settings) -> None:
+def _load_and_warm(settings: Settings) -> WorkerEntry:
+    """Load the model, warm it, report ready; returns this worker's registry entry (its model)."""
     state = init_worker_state(settings)
-    warm_up(state.chunk_context.runtime)
+    runtime = state.chunk_context.runtime
+    warm_up(runtime)
     health.HEALTH.set_ready()
     log.info("model warm: worker ready")
+    return WorkerEntry(hostname="", model_id=runtime.model_id, revision=runtime.revision,
+                       commit=getattr(runtime, "commit", None))
 
 
 def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
@@ -38,19 +45,30 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     health.HEALTH.configure(settings.health_stale_s, settings.health_chunk_limit_s)
     if settings.metrics_port:  # /metrics, /healthz and /readyz answer while the model loads
         health.serve(health.HEALTH, settings.metrics_port)
-    app.steps["worker"].add(health.heartbeat_step(health.HEALTH, min(5.0, settings.health_stale_s / 4)))
+    node = hostname or f"sam3@{socket.gethostname()}"
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
         # The probes are served by the parent, which sees no child's model: it reports ready at once.
         worker_process_init.connect(lambda **_: init_worker_state(settings), weak=False)
         health.HEALTH.set_ready()
+        entry = WorkerEntry(hostname="", model_id=settings.model, revision=settings.model_revision)
     else:
-        _load_and_warm(settings)
+        entry = _load_and_warm(settings)
+    _heartbeat_with_registry(app.steps["worker"], settings, entry.model_copy(update={"hostname": host_format(node)}))
     argv = [
         "worker", "--queues", settings.queue, "--pool", pool, "--concurrency", str(concurrency),
-        "--loglevel", loglevel, "--hostname", hostname or f"sam3@{socket.gethostname()}",
-        "--without-mingle", "--without-gossip",
+        "--loglevel", loglevel, "--hostname", node, "--without-mingle", "--without-gossip",
     ]
     if settings.log_json:
         argv.insert(0, "--quiet")  # a global celery option: no banner, so every stderr line stays JSON
     app.worker_main(argv)
+
+
+def _heartbeat_with_registry(steps: set[object], settings: Settings, entry: WorkerEntry) -> None:
+    """Beat for /healthz and keep this worker's model in the queue's registry, which `submit` checks."""
+    client = RedisJobStore(settings.state_redis_url(), retries=1).client
+    steps.add(health.heartbeat_step(
+        health.HEALTH, min(5.0, settings.health_stale_s / 4),
+        on_beat=lambda: register_worker(client, settings.queue, entry),
+        on_stop=lambda: unregister_worker(client, settings.queue, entry.hostname),
+    ))

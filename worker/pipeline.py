@@ -226,7 +226,8 @@ class _ChunkRun:
 
     def submit_write(self, entry: LoadedImage, detections: list[PromptDetections]) -> None:
         job = ImageJob(
-            self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms
+            self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms,
+            model_commit=getattr(self.ctx.runtime, "commit", None),
         )
         pending = _PendingWrite(entry.item, job, self.ctx.writers.submit(write_image, job))
         pending.future.add_done_callback(pending.release_job)

@@ -64,6 +64,9 @@ def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> Non
     # The part must exist before the chunk counts as done: a crash in between redelivers the chunk.
     output_root = state.spec(chunk.job_id).output_root
     write_chunk_part(state.chunk_context.storage, output_root, chunk.job_id, chunk.chunk_id, result.metadata)
+    commit = getattr(state.chunk_context.runtime, "commit", None)
+    if commit:
+        state.store.note_model_commit(chunk.job_id, commit)
     counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
     failed_outcomes = [o for o in result.outcomes if o.status == "failed"]

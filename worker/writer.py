@@ -43,6 +43,7 @@ class ImageJob:
     rgb: torch.Tensor | None  # (H, W, 3) uint8: the image, needed only for the masked-image output
     detections: list[PromptDetections]
     timings_ms: dict[str, float]
+    model_commit: str | None = None  # the loaded model's resolved hub commit, recorded in the metadata
 
     @classmethod
     def of_image(
@@ -104,7 +105,7 @@ def build_metadata(job: ImageJob, layout: OutputLayout, masked_uri: str | None) 
     return ImageMetadata(
         job_id=job.spec.job_id, chunk_id=job.chunk_id,
         image=ImageInfo(uri=job.item.uri, width=job.size_wh[0], height=job.size_wh[1], file_name=name),
-        model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision),
+        model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision, commit=job.model_commit),
         thresholds=job.spec.thresholds,
         prompts=[
             PromptSummary(text=d.prompt, presence_score=d.presence_score, instance_count=len(d))

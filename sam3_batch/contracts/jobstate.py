@@ -36,6 +36,7 @@ class JobStats:
     gpu_seconds: float = 0.0
     instances: int = 0
     error: str | None = None  # set when the job as a whole failed (e.g. its source could not be opened)
+    model_commit: str | None = None  # the hub commit the first worker to record a chunk had loaded
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class JobStore(Protocol):
     def counters(self, job_id: str) -> JobCounters: ...
     def stats(self, job_id: str) -> JobStats: ...
     def set_error(self, job_id: str, reason: str | None) -> None: ...
+    def note_model_commit(self, job_id: str, commit: str) -> None: ...
     def failures(self, job_id: str, limit: int | None = None) -> list[Failure]: ...
     def checkpoint(self, job_id: str) -> Checkpoint | None: ...
     def cancel(self, job_id: str) -> None: ...
@@ -223,8 +225,12 @@ class RedisJobStore:
             started_at=float(values.get("started_at", time.time())),
             last_update=None if last_update is None else float(last_update),
             gpu_seconds=float(values.get("gpu_seconds", 0.0)), instances=int(values.get("instances", 0)),
-            error=values.get("error"),
+            error=values.get("error"), model_commit=values.get("model_commit"),
         )
+
+    def note_model_commit(self, job_id: str, commit: str) -> None:
+        """Remember the model commit that made the job's outputs (the first one noted stays)."""
+        self._redis.hsetnx(job_key(job_id, "counters"), "model_commit", commit)
 
     def set_error(self, job_id: str, reason: str | None) -> None:
         """The job as a whole cannot go on: it ends in state ``failed``; None clears it (a resume)."""

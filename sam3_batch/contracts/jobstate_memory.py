@@ -23,6 +23,7 @@ class _Job:
     listing_complete: bool = False
     cancelled: bool = False
     error: str | None = None
+    model_commit: str | None = None
     report_claimed: bool = False
     checkpoint: Checkpoint | None = None
     generation: int = 0
@@ -107,8 +108,12 @@ class MemoryJobStore:
         return JobStats(
             started_at=job.stats.get("started_at", time.time()), last_update=job.stats.get("last_update"),
             gpu_seconds=job.stats.get("gpu_seconds", 0.0), instances=int(job.stats.get("instances", 0)),
-            error=job.error,
+            error=job.error, model_commit=job.model_commit,
         )
+
+    def note_model_commit(self, job_id: str, commit: str) -> None:
+        job = self._job(job_id)
+        job.model_commit = job.model_commit or commit
 
     def set_error(self, job_id: str, reason: str | None) -> None:
         job = self._job(job_id)

@@ -22,7 +22,7 @@ def build_report(store: JobStore, job_id: str) -> JobReport:
     account = account_job(store, job_id)
     return JobReport(
         job_id=job_id, state=account.state, counters=account.counters,
-        model=ModelInfo(id=spec.model_id, revision=spec.model_revision),
+        model=ModelInfo(id=spec.model_id, revision=spec.model_revision, commit=account.stats.model_commit),
         prompts=list(spec.prompts), output_root=spec.output_root, source=spec.source,
         started_at=account.started_at, finished_at=account.finished_at, wall_seconds=account.wall_seconds,
         images_per_second=account.images_per_second, gpu_seconds=account.stats.gpu_seconds,

@@ -124,6 +124,7 @@ class ImageInfo(_Strict):
 class ModelInfo(_Strict):
     id: str
     revision: str | None
+    commit: str | None = None  # the hub commit the worker actually loaded (None for a local folder)
 
 
 class ImageMetadata(_Strict):
