@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from importlib.metadata import PackageNotFoundError, version
 
 from celery.signals import worker_process_init
 from celery.utils.nodenames import host_format
@@ -12,7 +13,7 @@ from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.registry import WorkerEntry, register_worker, unregister_worker
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.contracts.settings import Settings
-from sam3_batch.worker import health
+from sam3_batch.worker import health, metrics
 from sam3_batch.worker.celery_app import configure_app
 from sam3_batch.worker.pipeline import SegmentationRuntime
 from sam3_batch.worker.state import init_worker_state
@@ -55,6 +56,7 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     else:
         entry = _load_and_warm(settings)
     _heartbeat_with_registry(app.steps["worker"], settings, entry.model_copy(update={"hostname": host_format(node)}))
+    _export_gauges(settings, entry)
     argv = [
         "worker", "--queues", settings.queue, "--pool", pool, "--concurrency", str(concurrency),
         "--loglevel", loglevel, "--hostname", node, "--without-mingle", "--without-gossip",
@@ -62,6 +64,23 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     if settings.log_json:
         argv.insert(0, "--quiet")  # a global celery option: no banner, so every stderr line stays JSON
     app.worker_main(argv)
+
+
+def _export_gauges(settings: Settings, entry: WorkerEntry) -> None:
+    try:
+        package_version = version("sam3-batch")
+    except PackageNotFoundError:  # running from a source tree
+        package_version = "unknown"
+    metrics.describe_build(package_version, entry.model_id, entry.revision, entry.commit)
+    broker = RedisJobStore(settings.broker_url.get_secret_value(), retries=0).client
+
+    def queue_depth() -> float:
+        try:
+            return float(broker.llen(settings.queue))
+        except Exception:  # Redis away: the scrape still answers, the alert on the gauge's absence fires
+            return float("nan")
+
+    metrics.watch_gauges(lambda: float(health.HEALTH.chunks_running()), queue_depth)
 
 
 def _heartbeat_with_registry(steps: set[object], settings: Settings, entry: WorkerEntry) -> None:

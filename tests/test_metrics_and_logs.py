@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,18 @@ def test_worker_metrics_count_every_image_stage_batch_and_model_load(
         assert sample_value(samples, "sam3_stage_seconds_count", stage=stage) == len(IMAGES), stage
         assert sample_value(samples, "sam3_stage_seconds_sum", stage=stage) > 0, stage
     # Chunks of 2 and 1 images, batch size 2: one batch per chunk, every image in exactly one batch.
-    assert sample_value(samples, "sam3_batch_size_count") == 2
-    assert sample_value(samples, "sam3_batch_size_sum") == len(IMAGES)
+    assert sample_value(samples, "sam3_batch_images_count") == 2
+    assert sample_value(samples, "sam3_batch_images_sum") == len(IMAGES)
     assert sample_value(samples, "sam3_chunks_total", result="counted") == 2
     assert sample_value(samples, "sam3_model_load_seconds") > 0
     instances = RedisJobStore(settings.state_redis_url()).stats(job_id).instances
     assert sample_value(samples, "sam3_instances_total") == instances > 0
+    assert sample_value(samples, "sam3_read_bytes_total") == sum(
+        len(image_bytes_factory(kind)) for kind in IMAGES.values())
+    assert 0 < time.time() - sample_value(samples, "sam3_last_chunk_finished_timestamp_seconds") < 600
+    assert (sample_value(samples, "sam3_queue_chunks"), sample_value(samples, "sam3_chunks_in_flight")) == (0, 0)
+    build = next(labels for (name, labels) in samples if name == "sam3_build_info")
+    assert ("model", str(tiny_checkpoint)) in build and ("commit", "") in build
 
 
 @pytest.mark.slow

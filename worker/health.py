@@ -58,6 +58,10 @@ class Health:
                 self._chunks.pop(chunk_key, None)
                 self._last_beat = self._clock()
 
+    def chunks_running(self) -> int:
+        with self._lock:
+            return len(self._chunks)
+
     def liveness(self) -> tuple[bool, str]:
         with self._lock:
             now, oldest, beat = self._clock(), min(self._chunks.values(), default=None), self._last_beat

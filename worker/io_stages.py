@@ -61,6 +61,7 @@ class LoadedImage:
     rgb: torch.Tensor | None  # (H, W, 3) uint8, only when the job writes masked images
     prompts: list[str]
     timings_ms: dict[str, float]
+    bytes_read: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def load_image(resources: StageResources, item: WorkItem, spec: JobSpec, check_d
         return StageFailure.of(exc)
     return LoadedImage(
         item=item, prepared=prepared, size_wh=(image.width, image.height), rgb=pixels_for_writer(spec, image),
-        prompts=list(item.prompts or spec.prompts), timings_ms=timings,
+        prompts=list(item.prompts or spec.prompts), timings_ms=timings, bytes_read=len(data),
     )
 
 

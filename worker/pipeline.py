@@ -190,6 +190,7 @@ class _ChunkRun:
         else:
             for stage, ms in loaded.timings_ms.items():
                 metrics.observe_stage(stage, ms / 1000.0)
+            metrics.BYTES_READ.inc(loaded.bytes_read)
             yield loaded
 
     def done(self, item: WorkItem, metadata: ImageMetadata) -> None:
@@ -212,7 +213,7 @@ class _ChunkRun:
             return
         elapsed = time.perf_counter() - start
         self.result.model_seconds += elapsed
-        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_IMAGES.observe(len(batch))
         for entry, detections in zip(batch, found, strict=True):
             entry.timings_ms["model"] = elapsed * 1000.0 / len(batch)
             metrics.observe_stage("model", elapsed / len(batch))

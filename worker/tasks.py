@@ -69,6 +69,7 @@ def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> Non
         state.store.note_model_commit(chunk.job_id, commit)
     counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
+    metrics.LAST_CHUNK_FINISHED.set_to_current_time()
     failed_outcomes = [o for o in result.outcomes if o.status == "failed"]
     for outcome in failed_outcomes if counted else []:  # once per image: a duplicate chunk logs nothing
         log.warning("image failed: %s: %s", outcome.uri, outcome.reason, extra={**_ids(chunk), "uri": outcome.uri})
