@@ -56,6 +56,14 @@ def _settings(**overrides: Any) -> Settings:
     return settings
 
 
+def _say(settings: Settings, text: str) -> None:
+    """A status line on stderr: plain, or a JSON record under SAM3_BATCH_LOG_JSON (stderr stays JSON)."""
+    if settings.log_json:
+        log.info("%s", text)
+    else:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _request(inputs: list[str] | None, prompts: list[str], out_root: str, manifest: str | None,
              threshold: float, mask_threshold: float, png_masks: bool, masked: bool, output_format: str,
              skip_existing: bool) -> jobs.JobRequest:
@@ -81,13 +89,13 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
     settings = _settings(model=model, model_revision=revision, batch_size=batch_size, chunk_size=chunk_size,
                          device=device, dtype=dtype)
     if settings.model == "tiny-random":
-        console.print("[yellow]model tiny-random: random weights, masks are meaningless (smoke test only)")
+        _say(settings, "model tiny-random: random weights, masks are meaningless (smoke test only)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing)
     report = jobs.run_embedded(request, settings)
     c = report.counters
-    console.print(f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
-                  f"in {report.wall_seconds:.1f}s -> {out_root}")
+    _say(settings, f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
+                   f"in {report.wall_seconds:.1f}s -> {out_root}")
     for failure in report.failures[:20]:
         console.print(f"  [red]failed[/red] {failure.uri}: {failure.reason}", soft_wrap=True, highlight=False)
     if c.failed:
@@ -125,8 +133,8 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
     if as_json:
         out.print_json(json.dumps(summary.__dict__))
     else:
-        console.print(f"enqueued {summary.images_enqueued} images in {summary.chunks_sent} chunks, "
-                      f"skipped {summary.skipped}, bad entries {summary.problems}")
+        _say(settings, f"enqueued {summary.images_enqueued} images in {summary.chunks_sent} chunks, "
+                       f"skipped {summary.skipped}, bad entries {summary.problems}")
     if wait:
         final = progress.watch(store, summary.job_id, console, stream=sys.stderr,
                                line_every_s=settings.progress_interval_s, as_json=settings.log_json)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
+import sys
 from importlib.metadata import PackageNotFoundError, version
+from typing import TextIO
 
 from celery.signals import worker_process_init
 from celery.utils.nodenames import host_format
@@ -13,6 +17,7 @@ from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.registry import WorkerEntry, register_worker, unregister_worker
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.contracts.settings import Settings
+from sam3_batch.logs import json_line
 from sam3_batch.worker import health, metrics
 from sam3_batch.worker.celery_app import configure_app
 from sam3_batch.worker.pipeline import SegmentationRuntime
@@ -63,7 +68,20 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     ]
     if settings.log_json:
         argv.insert(0, "--quiet")  # a global celery option: no banner, so every stderr line stays JSON
+        _say_as_json()
     app.worker_main(argv)
+
+
+def _say_as_json() -> None:
+    """Celery's signal handlers write "worker: Warm shutdown" with a raw ``os.write``, bypassing logging;
+    under JSON logs they write one JSON record instead (still a single lock-free write)."""
+    import celery.apps.worker as celery_worker
+
+    def say(msg: str, f: TextIO = sys.__stderr__) -> None:  # type: ignore[assignment]
+        with contextlib.suppress(OSError, ValueError):
+            os.write(f.fileno(), (json_line(msg, "celery.apps.worker") + "\n").encode())
+
+    celery_worker.safe_say = say
 
 
 def _export_gauges(settings: Settings, entry: WorkerEntry) -> None:

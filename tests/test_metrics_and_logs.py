@@ -94,8 +94,9 @@ def test_worker_json_logs_parse_line_by_line_and_carry_no_credentials(
 
     log = worker.log()
 
-    # Besides records, the log holds Celery's start-up banner and library progress bars (not records).
-    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    non_json = [line for line in log.splitlines() if not line.startswith("{")]
+    assert non_json == [], non_json  # no banner, no progress bars, no bare warnings: a log shipper parses all
+    records = [json.loads(line) for line in log.splitlines()]
     assert all({"ts", "level", "logger", "message"} <= set(r) for r in records)
     messages = [r["message"] for r in records]
     assert any(m.endswith("ready.") for m in messages), messages
@@ -103,6 +104,9 @@ def test_worker_json_logs_parse_line_by_line_and_carry_no_credentials(
     assert [line for line in log.splitlines() if PLAIN_RECORD.match(line)] == []
     for secret in (AWS_SECRET_ACCESS_KEY, REDIS_PASSWORD):
         assert secret not in log
+    cli_records = [json.loads(line) for line in submitted.stderr.splitlines()]  # the CLI's lines too
+    assert any(r.get("job_id") == job_id and "submitted" in r["message"] for r in cli_records), cli_records
+    assert any(r["message"].startswith("image failed: s3://") and "broken.jpg" in r["message"] for r in records)
     for text in (submitted.stdout, submitted.stderr):
         assert AWS_SECRET_ACCESS_KEY not in text and REDIS_PASSWORD not in text
 
