@@ -142,6 +142,7 @@ def _write_final_report(store: JobStore, storage: Storage, job_id: str) -> None:
 
 def _prepare_resume(store: JobStore, job_id: str) -> None:
     """Continue an unfinished listing from its checkpoint; replan a finished or cancelled job afresh."""
+    store.expire(job_id, None)  # an ended job's state was set to expire: it is running again
     store.set_error(job_id, None)  # a failed job (e.g. its listing broke off) goes on from its checkpoint
     if store.is_cancelled(job_id) or store.counters(job_id).listing_complete:
         store.start_generation(job_id)
