@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from sam3_batch.contracts.accounting import account_job
 from sam3_batch.contracts.errors import Sam3BatchError, reason_of
 from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
 from sam3_batch.contracts.jobstate_memory import MemoryJobStore
@@ -142,8 +143,11 @@ def _write_final_report(store: JobStore, storage: Storage, job_id: str) -> None:
 
 def _prepare_resume(store: JobStore, job_id: str) -> None:
     """Continue an unfinished listing from its checkpoint; replan a finished or cancelled job afresh."""
-    store.expire(job_id, None)  # an ended job's state was set to expire: it is running again
-    store.set_error(job_id, None)  # a failed job (e.g. its listing broke off) goes on from its checkpoint
+    account = account_job(store, job_id)  # reads only: a plain resume writes nothing before it sends
+    if account.ended:
+        store.expire(job_id, None)  # an ended job's state was set to expire: it is running again
+    if account.state == "failed":
+        store.set_error(job_id, None)  # e.g. its listing broke off: it goes on from its checkpoint
     if store.is_cancelled(job_id) or store.counters(job_id).listing_complete:
         store.start_generation(job_id)
 
