@@ -33,6 +33,7 @@ class SourceItem:
     position: str
     prompts: list[str | dict[str, object]] | None = None  # text, or concept objects (checked by WorkItem)
     objects: list[dict[str, object]] | None = None
+    size: int | None = None  # bytes, where the listing gives them (for `submit --dry-run`)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class PrefixSource:
             except BadUriError as exc:
                 yield SourceProblem(display_uri(obj.uri), str(exc), obj.relative_key)
                 continue
-            yield SourceItem(uri=obj.uri, out_key=out_key, position=obj.relative_key)
+            yield SourceItem(uri=obj.uri, out_key=out_key, position=obj.relative_key, size=obj.size)
 
 
 def _json_cell(value: object) -> object:

@@ -74,6 +74,7 @@ def run_producer(
     is_done = (lambda key: key in done) if done is not None else (lambda key: False)
 
     def cancelled() -> bool:
+        on_progress(summary)  # also asked while backpressure holds the producer: progress stays visible
         return store.is_cancelled(job_id)
 
     for planned in plan_chunks(source.entries(start_after), job_id, chunk_size, seq, is_done, generation):
@@ -88,7 +89,6 @@ def run_producer(
         _register(store, job_id, planned, generation)
         summary.skipped += planned.skipped
         summary.problems += len(planned.problems)
-        on_progress(summary)
     store.mark_listing_complete(job_id)
     summary.listing_complete = True
     finalize_if_complete(store, storage, job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,7 +16,7 @@ from sam3_batch.contracts.display import printable
 from sam3_batch.contracts.errors import RequestError
 from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.redact import register_secret
-from sam3_batch.contracts.schemas import OutputOptions, Thresholds
+from sam3_batch.contracts.schemas import JobSpec, OutputOptions, Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.error_boundary import debug_requested, report_and_exit
 from sam3_batch.extras import require_worker_extra
@@ -45,6 +46,13 @@ SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata alr
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 or autocast-bf16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Queue = Annotated[str | None, typer.Option(help="Celery queue (default SAM3_BATCH_QUEUE): one per model.")]
+MaxFailedFraction = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="With --wait/--watch: exit 0 while at most this fraction of images failed.")]
+ProgressEvery = Annotated[float | None, typer.Option(
+    min=0.1, help="Off a terminal: seconds between progress lines (default SAM3_BATCH_PROGRESS_INTERVAL_S).")]
+
+log = logging.getLogger("sam3_batch.cli")
 
 
 @app.callback()
@@ -53,9 +61,9 @@ def _global_options(debug: Annotated[bool, typer.Option(
     """Distributed batch segmentation with SAM 3 (run, submit, worker, status ...)."""
 
 
-def _say(console_: Console, text: str) -> None:
-    """Print user data (names, URIs, reasons) as plain text: no markup, no terminal control codes."""
-    console_.print(printable(text), markup=False, highlight=False, soft_wrap=True)
+def _out(text: str) -> None:
+    """A result line on stdout (ids, failures, URIs): whole, unwrapped, flushed, user data as plain text."""
+    progress.write_line(sys.stdout, printable(text))
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -64,6 +72,16 @@ def _settings(**overrides: Any) -> Settings:
         register_secret(secret)
     setup_logging(settings.log_json)
     return settings
+
+
+def _say(settings: Settings, text: str) -> None:
+    """A status line on stderr: plain, or a JSON record under SAM3_BATCH_LOG_JSON (stderr stays JSON).
+
+    Names, URIs and reasons in it are user data: printed as text, never as markup or terminal codes."""
+    if settings.log_json:
+        log.info("%s", printable(text))
+    else:
+        console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def _request(inputs: list[str] | None, prompts: list[str], out_root: str, manifest: str | None,
@@ -96,17 +114,17 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
     settings = _settings(model=model, model_revision=revision, batch_size=batch_size, chunk_size=chunk_size,
                          device=device, dtype=dtype)
     if settings.model == "tiny-random":
-        console.print("[yellow]model tiny-random: random weights, masks are meaningless (smoke test only)")
+        _say(settings, "model tiny-random: random weights, masks are meaningless (smoke test only)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing, masked_style)
     report = jobs.run_embedded(request, settings)
     c = report.counters
-    _say(console, f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
-                  f"in {report.wall_seconds:.1f}s -> {out_root}")
+    _say(settings, f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
+                   f"in {report.wall_seconds:.1f}s -> {out_root}")
     for failure in report.failures[:20]:
-        _say(console, f"  failed {failure.uri}: {failure.reason}")
+        _say(settings, f"  failed {failure.uri}: {failure.reason}")
     if c.total == 0:
-        _say(console, f"no images found in {report.source} (extensions: jpg, jpeg, png, gif, webp, bmp, tif)")
+        _say(settings, f"no images found in {report.source} (extensions: jpg, jpeg, png, gif, webp, bmp, tif)")
         raise typer.Exit(code=1)
     if c.failed:
         raise typer.Exit(code=2)
@@ -120,41 +138,70 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            revision: Revision = None, masked_style: MaskedStyle = "cutout",
            resume: Annotated[str | None, typer.Option(help="Resume this job id.")] = None,
            wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
-           as_json: JsonOut = False) -> None:
-    """Enqueue a job for GPU workers and print its id."""
-    settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision)
+           dry_run: Annotated[bool, typer.Option(help="List and plan only: counts, bytes, chunks, GPU-hours.")
+                              ] = False,
+           rate: Annotated[float | None, typer.Option(
+               min=0.001, help="With --dry-run: images/s per GPU (default: the newest complete job's).")] = None,
+           max_failed_fraction: MaxFailedFraction = 0.0, progress_every: ProgressEvery = None,
+           queue: Queue = None, as_json: JsonOut = False) -> None:
+    """Enqueue a job for GPU workers; its id is the first line printed, then progress while feeding."""
+    settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision,
+                         progress_interval_s=progress_every, queue=queue)
     if not resume and (not out_root.strip() or not (prompt or manifest)):
         raise RequestError("--out and at least one --prompt (or a --manifest) are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing, masked_style)
-    summary = jobs.submit(request, settings, resume_job=resume)
+    if dry_run:
+        _print_plan(jobs.dry_run(request, settings, rate), as_json)
+        return
+    store = RedisJobStore.interactive(settings.state_redis_url())
+    ticker = progress.FeedProgress(store, sys.stderr, settings.progress_interval_s, settings.log_json)
+    summary = jobs.submit(request, settings, resume_job=resume, on_started=lambda spec: _announce(spec, as_json),
+                          on_progress=ticker)
     if as_json:
         out.print_json(json.dumps(summary.__dict__))
     else:
-        out.print(summary.job_id)
-        console.print(f"enqueued {summary.images_enqueued} images in {summary.chunks_sent} chunks, "
-                      f"skipped {summary.skipped}, bad entries {summary.problems}")
+        _say(settings, f"enqueued {summary.images_enqueued} images in {summary.chunks_sent} chunks, "
+                       f"skipped {summary.skipped}, bad entries {summary.problems}")
     if summary.listing_complete and not (summary.images_enqueued or summary.skipped or summary.problems) \
             and not resume:
-        _say(console, f"no images found in {' '.join(request.inputs) or request.manifest}")
+        _say(settings, f"no images found in {' '.join(request.inputs) or request.manifest}")
         raise typer.Exit(code=1)
     if wait:
-        store = RedisJobStore(settings.state_redis_url())
-        final = progress.watch(store, summary.job_id, console)
-        if final.failed:
-            raise typer.Exit(code=2)
+        final = progress.watch(store, summary.job_id, console, stream=sys.stderr,
+                               line_every_s=settings.progress_interval_s, as_json=settings.log_json)
+        raise typer.Exit(code=progress.exit_code(final, max_failed_fraction))
+
+
+def _announce(spec: JobSpec, as_json: bool) -> None:
+    """The job id first, before anything is listed: a producer that dies later still leaves it in its log."""
+    if not as_json:
+        _out(spec.job_id)
+    log.info("job %s submitted: resume with `sam3-batch submit --resume %s`", spec.job_id, spec.job_id,
+             extra={"job_id": spec.job_id})
+
+
+def _print_plan(plan: jobs.PlanEstimate, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(plan.as_dict()))
+        return
+    size = "unknown size" if plan.bytes is None else f"{plan.bytes / 1e9:.3f} GB"
+    gpu = ("GPU-hours unknown (pass --rate IMAGES_PER_S)" if plan.gpu_hours is None
+           else f"~{plan.gpu_hours:.2f} GPU-hours at {plan.seconds_per_image:.4f} s/image ({plan.estimate_from})")
+    _out(f"dry run: {plan.images} images ({size}) in {plan.chunks} chunks, skipped "
+                        f"{plan.skipped}, bad entries {plan.problems}; {gpu}; nothing was enqueued")
 
 
 @app.command()
 def worker(pool: Annotated[str, typer.Option(help="threads (default), solo or prefork.")] = "threads",
            concurrency: Annotated[int, typer.Option(min=1, help="Chunks in flight at once.")] = 2,
            loglevel: Annotated[str, typer.Option()] = "INFO",
-           hostname: Annotated[str | None, typer.Option()] = None) -> None:
+           hostname: Annotated[str | None, typer.Option()] = None, queue: Queue = None) -> None:
     """Start a Celery worker holding one resident SAM 3 model (one per GPU)."""
     require_worker_extra()  # the GPU stack is an install extra: say so in one line, not an ImportError
     from sam3_batch.worker_cmd import start_worker
 
-    start_worker(_settings(), pool=pool, concurrency=concurrency, loglevel=loglevel, hostname=hostname)
+    start_worker(_settings(queue=queue), pool=pool, concurrency=concurrency, loglevel=loglevel, hostname=hostname)
 
 
 def _store() -> RedisJobStore:
@@ -164,23 +211,47 @@ def _store() -> RedisJobStore:
 
 @app.command()
 def status(job_id: str, as_json: JsonOut = False,
-           follow: Annotated[bool, typer.Option("--watch", help="Live progress bar.")] = False) -> None:
+           follow: Annotated[bool, typer.Option("--watch", help="Follow until the job ends (exit code as "
+                                                "submit --wait).")] = False,
+           max_failed_fraction: MaxFailedFraction = 0.0, progress_every: ProgressEvery = None) -> None:
     """Show a job's total/done/failed/skipped, images/s and ETA."""
-    store = _store()
-    snapshot = progress.watch(store, job_id, console) if follow else progress.job_status(store, job_id)
+    settings = _settings(progress_interval_s=progress_every)
+    store = RedisJobStore(settings.state_redis_url())
+    if follow:
+        final = progress.watch(store, job_id, Console(), stream=sys.stdout,
+                               line_every_s=settings.progress_interval_s, as_json=as_json)
+        raise typer.Exit(code=progress.exit_code(final, max_failed_fraction))
+    snapshot = progress.job_status(store, job_id)
     if as_json:
         out.print_json(json.dumps(snapshot.as_dict()))
-    elif not follow:
-        progress.print_status(snapshot, out)
+    else:
+        _out(progress.status_line(snapshot))
 
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Stop a job: queued chunks are dropped, nothing new is written."""
-    store = _store()
-    store.spec(job_id)
+    """Stop a job: queued chunks are dropped, nothing new is written, its report says cancelled."""
+    settings = _settings()
+    store = RedisJobStore(settings.state_redis_url())
+    snapshot = progress.job_status(store, job_id)
+    if snapshot.ended:
+        _out(f"job {job_id} already ended ({snapshot.state}): nothing to cancel")
+        return
     store.cancel(job_id)
-    _say(out, f"cancelled {job_id}")
+    jobs.finalize_ended(store, settings, job_id)
+    _out(f"cancelled {job_id}")
+
+
+@app.command()
+def delete(job_id: str,
+           force: Annotated[bool, typer.Option(help="Also delete a job that is still running.")] = False) -> None:
+    """Remove a job's state from Redis (its outputs and report in storage stay)."""
+    store = _store()
+    snapshot = progress.job_status(store, job_id)
+    if not snapshot.ended and not force:
+        raise RequestError(f"job {job_id} is {snapshot.state}: cancel it first (or pass --force)")
+    store.delete(job_id)
+    _out(f"deleted {job_id}")
 
 
 @app.command("jobs")
@@ -192,12 +263,12 @@ def list_jobs(as_json: JsonOut = False) -> None:
         out.print_json(json.dumps([s.as_dict() for s in statuses]))
         return
     for snapshot in statuses:
-        progress.print_status(snapshot, out)
+        _out(progress.status_line(snapshot))
 
 
 @app.command()
 def failures(job_id: str, as_json: JsonOut = False) -> None:
-    """Print a job's failed images with their reasons."""
+    """Print a job's failed images with their reasons (one line each: URI, a tab, the reason)."""
     store = _store()
     store.spec(job_id)  # an unknown job is an error, not an empty list
     found = store.failures(job_id)
@@ -205,7 +276,7 @@ def failures(job_id: str, as_json: JsonOut = False) -> None:
         out.print_json(json.dumps([f.model_dump() for f in found]))
         return
     for failure in found:
-        _say(out, f"{failure.uri}\t{failure.reason}")
+        _out(f"{failure.uri}\t{failure.reason}")
 
 
 @app.command("retry-failed")
@@ -213,9 +284,9 @@ def retry_failed_cmd(job_id: str) -> None:
     """Resubmit a job's failed images."""
     count = jobs.retry_failed(_settings(), job_id)
     if count == 0:
-        _say(out, f"job {job_id} has no failed images to retry")
+        _out(f"job {job_id} has no failed images to retry")
         return
-    _say(out, f"resubmitted {count} failed images of {job_id}")
+    _out(f"resubmitted {count} failed images of {job_id}")
 
 
 def _job_root(job_id: str, out_root: str | None) -> str:
@@ -243,10 +314,10 @@ def index_cmd(job_id: str,
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
-    _say(out, f"{job_id}: {summary.images} images ({summary.done} done, {summary.failed} failed, "
+    _out(f"{job_id}: {summary.images} images ({summary.done} done, {summary.failed} failed, "
               f"{summary.instances} instances) from {summary.parts_read} parts -> {summary.files_written} files")
     for uri in summary.uris:
-        _say(out, f"  {uri}")
+        _out(f"  {uri}")
 
 
 @app.command("export")
@@ -268,10 +339,10 @@ def export_cmd(job_or_root: Annotated[str, typer.Argument(help="A job id (in Red
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
-    _say(out, f"{summary.images} images, {summary.annotations} annotations, {len(summary.categories)} categories "
+    _out(f"{summary.images} images, {summary.annotations} annotations, {len(summary.categories)} categories "
               f"-> {len(summary.files)} files")
     for uri in summary.files:
-        _say(out, f"  {uri}")
+        _out(f"  {uri}")
 
 
 @app.command("dev-stack")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -35,8 +36,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def json_line(message: str, logger: str, level: str = "INFO") -> str:
+    """One record in the JSON formatter's shape, built without the logging machinery (signal handlers)."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return json.dumps({"ts": stamp, "level": level, "logger": logger, "message": redact(message)}, ensure_ascii=False)
+
+
 def setup_logging(json_lines: bool, level: str = "INFO") -> None:
-    """Configure the root logger once for the process."""
+    """Configure the root logger once for the process; with ``json_lines``, warnings become JSON records
+    too and libraries' progress bars (tqdm, huggingface_hub) are switched off, so stderr stays JSON."""
+    logging.captureWarnings(True)
+    if json_lines:
+        for variable in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(variable, "1")  # read by those libraries in this process and its children
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(

@@ -2,38 +2,114 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import TextIO
 
 from celery.signals import worker_process_init
+from celery.utils.nodenames import host_format
 
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.registry import WorkerEntry, register_worker, unregister_worker
+from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.contracts.settings import Settings
-from sam3_batch.worker import metrics
+from sam3_batch.logs import json_line
+from sam3_batch.worker import health, metrics
 from sam3_batch.worker.celery_app import configure_app
 from sam3_batch.worker.liveness import Liveness
+from sam3_batch.worker.pipeline import SegmentationRuntime
 from sam3_batch.worker.state import init_worker_state
 
 log = logging.getLogger(__name__)
 
 
+def warm_up(runtime: SegmentationRuntime) -> None:
+    """One small batch through the model, so the first chunk does not pay for kernel selection."""
+    from PIL import Image
+
+    image = runtime.preparer(Image.new("RGB", (64, 64), (128, 128, 128)))
+    runtime.segment([image], [["object"]], Thresholds())
+
+
+def _load_and_warm(settings: Settings) -> WorkerEntry:
+    """Load the model, warm it, report ready; returns this worker's registry entry (its model)."""
+    state = init_worker_state(settings)
+    runtime = state.chunk_context.runtime
+    warm_up(runtime)
+    health.HEALTH.set_ready()
+    log.info("model warm: worker ready")
+    return WorkerEntry(hostname="", model_id=runtime.model_id, revision=runtime.revision,
+                       commit=getattr(runtime, "commit", None))
+
+
 def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run the worker until it is told to stop (SIGTERM: warm shutdown, the chunk in hand finishes)."""
     app = configure_app(settings)
-    if settings.metrics_port:
-        metrics.serve(settings.metrics_port)
+    health.HEALTH.configure(settings.health_stale_s, settings.health_chunk_limit_s)
+    if settings.metrics_port:  # /metrics, /healthz and /readyz answer while the model loads
+        health.serve(health.HEALTH, settings.metrics_port)
     # Heartbeat + reaper: a dead worker's chunks go back on the queue in seconds (worker/liveness.py).
     if settings.worker_heartbeat:
         Liveness(app, settings).start()
+    node = hostname or f"sam3@{socket.gethostname()}"
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
+        # The probes are served by the parent, which sees no child's model: it reports ready at once.
         worker_process_init.connect(lambda **_: init_worker_state(settings), weak=False)
+        health.HEALTH.set_ready()
+        entry = WorkerEntry(hostname="", model_id=settings.model, revision=settings.model_revision)
     else:
-        init_worker_state(settings)
+        entry = _load_and_warm(settings)
+    _heartbeat_with_registry(app.steps["worker"], settings, entry.model_copy(update={"hostname": host_format(node)}))
+    _export_gauges(settings, entry)
     argv = [
         "worker", "--queues", settings.queue, "--pool", pool, "--concurrency", str(concurrency),
-        "--loglevel", loglevel, "--hostname", hostname or f"sam3@{socket.gethostname()}",
-        "--without-mingle", "--without-gossip",
+        "--loglevel", loglevel, "--hostname", node, "--without-mingle", "--without-gossip",
     ]
     if settings.log_json:
         argv.insert(0, "--quiet")  # a global celery option: no banner, so every stderr line stays JSON
+        _say_as_json()
     app.worker_main(argv)
+
+
+def _say_as_json() -> None:
+    """Celery's signal handlers write "worker: Warm shutdown" with a raw ``os.write``, bypassing logging;
+    under JSON logs they write one JSON record instead (still a single lock-free write)."""
+    import celery.apps.worker as celery_worker
+
+    def say(msg: str, f: TextIO = sys.__stderr__) -> None:  # type: ignore[assignment]
+        with contextlib.suppress(OSError, ValueError):
+            os.write(f.fileno(), (json_line(msg, "celery.apps.worker") + "\n").encode())
+
+    celery_worker.safe_say = say
+
+
+def _export_gauges(settings: Settings, entry: WorkerEntry) -> None:
+    try:
+        package_version = version("sam3-batch")
+    except PackageNotFoundError:  # running from a source tree
+        package_version = "unknown"
+    metrics.describe_build(package_version, entry.model_id, entry.revision, entry.commit)
+    broker = RedisJobStore(settings.broker_url.get_secret_value(), retries=0).client
+
+    def queue_depth() -> float:
+        try:
+            return float(broker.llen(settings.queue))
+        except Exception:  # Redis away: the scrape still answers, the alert on the gauge's absence fires
+            return float("nan")
+
+    metrics.watch_gauges(lambda: float(health.HEALTH.chunks_running()), queue_depth)
+
+
+def _heartbeat_with_registry(steps: set[object], settings: Settings, entry: WorkerEntry) -> None:
+    """Beat for /healthz and keep this worker's model in the queue's registry, which `submit` checks."""
+    client = RedisJobStore(settings.state_redis_url(), retries=1).client
+    steps.add(health.heartbeat_step(
+        health.HEALTH, min(5.0, settings.health_stale_s / 4),
+        on_beat=lambda: register_worker(client, settings.queue, entry),
+        on_stop=lambda: unregister_worker(client, settings.queue, entry.hostname),
+    ))

@@ -124,7 +124,9 @@ def test_cancel_before_any_worker_runs_drops_every_queued_chunk_and_writes_nothi
     wait_until(lambda: cancelled_chunks() == 3, 120, "the worker to drop all 3 queued chunks")
     assert queue.llen(settings.queue) == 0
     assert worker.alive()
-    assert _keys(s3_client, s3_bucket, "out/") == []
+    report = _report(s3_client, f"s3://{s3_bucket}/out/", job_id)
+    assert report is not None and report.state == "cancelled" and report.counters.done == 0
+    assert _keys(s3_client, s3_bucket, "out/") == [report_uri("out", job_id)]  # the report, no outputs
     status = _cli_json(["status", job_id], settings)
     assert (status["state"], status["total"], status["done"], status["failed"]) == ("cancelled", 5, 0, 0)
 

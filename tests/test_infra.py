@@ -41,7 +41,11 @@ K8S_DIR = REPO / "infra" / "k8s"
 # Older than most clusters run, so the manifests use no newer field; strict mode rejects any field
 # that version does not know.
 KUBERNETES_VERSION = "1.30"
-MIN_GRACE_S = 600  # a chunk of 32 images takes seconds; ten minutes covers a slow GPU and slow storage
+# A chunk's expected run time sets the timeouts (docs/deploy.md "Timeouts"): at worst 2 s per image (slow
+# storage, a slow GPU), and a worker holds up to WORKER_CONCURRENCY chunks when it is told to stop.
+WORST_SECONDS_PER_IMAGE = 2.0
+WORKER_CONCURRENCY = 2
+AUTOSCALER_GRACE_CAP_S = 600  # Cluster Autoscaler's default max graceful termination on scale-down
 NOT_KUBERNETES_SCHEMAS = {"keda.sh/v1alpha1", "kustomize.config.k8s.io/v1beta1"}
 SETTINGS_ENV_NAMES = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 IMAGE_USER_ID = 10001
@@ -327,17 +331,37 @@ def test_worker_deployment_asks_for_exactly_one_nvidia_gpu() -> None:
     assert worker_container()["args"] == ["worker", "--concurrency", "2", "--pool", "threads"]
 
 
-def test_worker_grace_period_covers_a_chunk_and_stays_within_the_visibility_timeout() -> None:
-    visibility = int(configmap_data()["SAM3_BATCH_VISIBILITY_TIMEOUT_S"])
+def assert_timeouts_fit_the_chunk(env: dict[str, str], grace_s: int) -> None:
+    """worst chunks in hand <= grace <= autoscaler cap, grace < chunk limit (/healthz) <= visibility timeout."""
+    settings = Settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)
+                           and k.removeprefix(ENV_PREFIX).lower() in Settings.model_fields})
+    worst_chunk_s = settings.chunk_size * WORST_SECONDS_PER_IMAGE
+    assert WORKER_CONCURRENCY * worst_chunk_s <= grace_s <= AUTOSCALER_GRACE_CAP_S
+    assert grace_s < settings.health_chunk_limit_s <= settings.visibility_timeout_s
+    assert settings.visibility_timeout_s <= 1800  # a killed pod's chunk comes back within minutes, not an hour
+
+
+def test_worker_timeouts_follow_from_a_chunks_run_time_in_kubernetes() -> None:
     grace = only("Deployment", "sam3-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert MIN_GRACE_S <= grace <= visibility
+    assert_timeouts_fit_the_chunk({**configmap_data()}, grace)
+    assert worker_container()["args"][:3] == ["worker", "--concurrency", str(WORKER_CONCURRENCY)]
 
 
-def test_compose_worker_stops_gracefully_within_the_visibility_timeout() -> None:
+def test_worker_timeouts_follow_from_a_chunks_run_time_in_compose() -> None:
     worker = compose_services()["worker"]
-    visibility = int(compose_environment(worker)["SAM3_BATCH_VISIBILITY_TIMEOUT_S"])
     assert worker.get("stop_signal", "SIGTERM") == "SIGTERM"  # Celery's warm shutdown
-    assert MIN_GRACE_S <= seconds(worker["stop_grace_period"]) <= visibility
+    assert_timeouts_fit_the_chunk(compose_environment(worker), seconds(worker["stop_grace_period"]))
+
+
+def test_compose_worker_is_healthy_only_when_alive_and_ready() -> None:
+    check = " ".join(compose_services()["worker"]["healthcheck"]["test"])
+    assert "healthz" in check and "readyz" in check and ":9300/" in check
+
+
+def test_the_default_settings_fit_the_same_relation() -> None:
+    defaults = Settings()
+    assert_timeouts_fit_the_chunk({}, 300)
+    assert defaults.visibility_timeout_s == 900
 
 
 def test_every_pod_runs_as_non_root_without_privilege_escalation() -> None:
@@ -352,7 +376,7 @@ def test_every_pod_runs_as_non_root_without_privilege_escalation() -> None:
             assert security["capabilities"]["drop"] == ["ALL"], where
 
 
-def test_worker_pod_is_scraped_and_probed_on_its_metrics_port() -> None:
+def test_worker_pod_is_scraped_on_its_metrics_port_and_probed_for_liveness_and_readiness() -> None:
     template = only("Deployment", "sam3-worker")["spec"]["template"]
     worker = worker_container()
     port = env_value(worker, "SAM3_BATCH_METRICS_PORT")
@@ -361,9 +385,12 @@ def test_worker_pod_is_scraped_and_probed_on_its_metrics_port() -> None:
     assert annotations["prometheus.io/port"] == port
     assert annotations["prometheus.io/path"] == "/metrics"
     assert {"name": "metrics", "containerPort": int(port)} in worker["ports"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # An HTTP probe answers while a chunk runs; `celery inspect ping` on the solo pool would not.
-        assert worker[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    # HTTP probes answer while a chunk runs; `celery inspect ping` on the solo pool would not.
+    assert worker["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    startup = worker["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a model download and load
 
 
 def test_worker_pod_keeps_the_model_cache_on_a_volume_at_hf_home() -> None:

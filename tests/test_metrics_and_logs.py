@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,18 @@ def test_worker_metrics_count_every_image_stage_batch_and_model_load(
         assert sample_value(samples, "sam3_stage_seconds_count", stage=stage) == len(IMAGES), stage
         assert sample_value(samples, "sam3_stage_seconds_sum", stage=stage) > 0, stage
     # Chunks of 2 and 1 images, batch size 2: one batch per chunk, every image in exactly one batch.
-    assert sample_value(samples, "sam3_batch_size_count") == 2
-    assert sample_value(samples, "sam3_batch_size_sum") == len(IMAGES)
+    assert sample_value(samples, "sam3_batch_images_count") == 2
+    assert sample_value(samples, "sam3_batch_images_sum") == len(IMAGES)
     assert sample_value(samples, "sam3_chunks_total", result="counted") == 2
     assert sample_value(samples, "sam3_model_load_seconds") > 0
-    instances = RedisJobStore(settings.state_redis_url()).stats(job_id)["instances"]
+    instances = RedisJobStore(settings.state_redis_url()).stats(job_id).instances
     assert sample_value(samples, "sam3_instances_total") == instances > 0
+    assert sample_value(samples, "sam3_read_bytes_total") == sum(
+        len(image_bytes_factory(kind)) for kind in IMAGES.values())
+    assert 0 < time.time() - sample_value(samples, "sam3_last_chunk_finished_timestamp_seconds") < 600
+    assert (sample_value(samples, "sam3_queue_chunks"), sample_value(samples, "sam3_chunks_in_flight")) == (0, 0)
+    build = next(labels for (name, labels) in samples if name == "sam3_build_info")
+    assert ("model", str(tiny_checkpoint)) in build and ("commit", "") in build
 
 
 @pytest.mark.slow
@@ -87,8 +94,9 @@ def test_worker_json_logs_parse_line_by_line_and_carry_no_credentials(
 
     log = worker.log()
 
-    # Besides records, the log holds Celery's start-up banner and library progress bars (not records).
-    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    non_json = [line for line in log.splitlines() if not line.startswith("{")]
+    assert non_json == [], non_json  # no banner, no progress bars, no bare warnings: a log shipper parses all
+    records = [json.loads(line) for line in log.splitlines()]
     assert all({"ts", "level", "logger", "message"} <= set(r) for r in records)
     messages = [r["message"] for r in records]
     assert any(m.endswith("ready.") for m in messages), messages
@@ -96,6 +104,9 @@ def test_worker_json_logs_parse_line_by_line_and_carry_no_credentials(
     assert [line for line in log.splitlines() if PLAIN_RECORD.match(line)] == []
     for secret in (AWS_SECRET_ACCESS_KEY, REDIS_PASSWORD):
         assert secret not in log
+    cli_records = [json.loads(line) for line in submitted.stderr.splitlines()]  # the CLI's lines too
+    assert any(r.get("job_id") == job_id and "submitted" in r["message"] for r in cli_records), cli_records
+    assert any(r["message"].startswith("image failed: s3://") and "broken.jpg" in r["message"] for r in records)
     for text in (submitted.stdout, submitted.stderr):
         assert AWS_SECRET_ACCESS_KEY not in text and REDIS_PASSWORD not in text
 

@@ -62,6 +62,7 @@ class LoadedImage:
     prompts: list[PromptSpec]
     timings_ms: dict[str, float]
     objects: list[ObjectPrompt] = field(default_factory=list)  # set by the pipeline, fitted to the image
+    bytes_read: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def load_image(resources: StageResources, item: WorkItem, spec: JobSpec, check_d
         return StageFailure.of(exc)
     return LoadedImage(
         item=item, prepared=prepared, size_wh=(image.width, image.height), rgb=pixels_for_writer(spec, image),
-        prompts=list(item.prompts or spec.prompts), timings_ms=timings,
+        prompts=list(item.prompts or spec.prompts), timings_ms=timings, bytes_read=len(data),
     )
 
 

@@ -104,18 +104,32 @@ def _automatic_batch_size(runtime: SegmentationRuntime) -> int:
     return int(suggest()) if callable(suggest) else 8
 
 
+@dataclass(frozen=True)
+class TransientFailure:
+    """One transient error as it happened: which image, in which operation (load, model, write), why."""
+
+    uri: str
+    operation: str
+    reason: str
+
+
 @dataclass
 class ChunkResult:
     """How every item of a chunk ended, plus the items worth another attempt later."""
 
     outcomes: list[ItemOutcome] = field(default_factory=list)
     retry_later: list[ItemOutcome] = field(default_factory=list)
+    transient: list[TransientFailure] = field(default_factory=list)  # this attempt's, for the logs
     metadata: list[ImageMetadata] = field(default_factory=list)  # every done image's, for the index
     model_seconds: float = 0.0
 
 
-def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool) -> None:
+def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool,
+             operation: str) -> None:
     outcome = ItemOutcome(uri=item.uri, status="failed", reason=failure.reason, out_key=item.out_key)
+    if failure.transient:
+        metrics.TRANSIENT_ERRORS.labels(operation=operation).inc()
+        result.transient.append(TransientFailure(item.uri, operation, failure.reason))
     if failure.transient and not final_attempt:
         result.retry_later.append(outcome)
         return
@@ -189,17 +203,18 @@ class _ChunkRun:
 
     def _accept_load(self, item: WorkItem, loaded: LoadResult) -> Iterator[LoadedImage]:
         if isinstance(loaded, StageFailure):
-            _failure(item, loaded, self.result, self.final_attempt)
+            _failure(item, loaded, self.result, self.final_attempt, "load")
         elif isinstance(loaded, AlreadyDone):
             self.done(item, loaded.metadata)
         else:
             try:
                 fitted = _with_fitted_prompts(loaded)
             except Exception as exc:
-                _failure(item, StageFailure.of(exc), self.result, self.final_attempt)
+                _failure(item, StageFailure.of(exc), self.result, self.final_attempt, "load")
                 return
             for stage, ms in loaded.timings_ms.items():
                 metrics.observe_stage(stage, ms / 1000.0)
+            metrics.BYTES_READ.inc(loaded.bytes_read)
             yield fitted
 
     def done(self, item: WorkItem, metadata: ImageMetadata) -> None:
@@ -220,7 +235,7 @@ class _ChunkRun:
             return
         elapsed = time.perf_counter() - start
         self.result.model_seconds += elapsed
-        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_IMAGES.observe(len(batch))
         for entry, (detections, objects) in zip(batch, found, strict=True):
             entry.timings_ms["model"] = elapsed * 1000.0 / len(batch)
             metrics.observe_stage("model", elapsed / len(batch))
@@ -230,7 +245,7 @@ class _ChunkRun:
         try:
             self.run_batch([entry])
         except Exception as exc:
-            _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt)
+            _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt, "model")
 
     def submit_write(
         self, entry: LoadedImage, detections: list[PromptDetections], objects: list[PromptDetections]
@@ -238,6 +253,7 @@ class _ChunkRun:
         job = ImageJob(
             self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms,
             prompts=entry.prompts, objects=entry.objects, object_detections=objects,
+            model_commit=getattr(self.ctx.runtime, "commit", None),
         )
         self.ctx.write_slots.acquire()  # released when the write is done (failed or lost included)
         try:
@@ -265,7 +281,7 @@ class _ChunkRun:
 
     def _accept_write(self, item: WorkItem, written: WriteResult) -> None:
         if isinstance(written, StageFailure):
-            _failure(item, written, self.result, self.final_attempt)
+            _failure(item, written, self.result, self.final_attempt, "write")
             return
         assert isinstance(written, WrittenImage)
         metrics.observe_stage("encode_upload", written.seconds)
@@ -324,7 +340,7 @@ def process_chunk(
                 run.run_batch(batch)
             except Exception as exc:
                 for entry in batch:
-                    _failure(entry.item, StageFailure.of(exc), run.result, final_attempt)
+                    _failure(entry.item, StageFailure.of(exc), run.result, final_attempt, "model")
     finally:
         run.collect_writes()
     return run.result

@@ -84,6 +84,18 @@ class _Rows:
     def part(self, start: int, limit: int | None) -> _Rows:
         end = len(self.prompts) if limit is None else start + limit
         return _Rows(self.images[start:end], self.prompts[start:end], self.sizes_hw[start:end])
+def resolved_commit(model: str, revision: str) -> str | None:
+    """The hub commit ``revision`` of ``model`` resolved to in the local cache (None for a local folder)."""
+    if Path(model).exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model, "config.json", revision=revision)
+    except ValueError:  # not a hub id (e.g. a path that does not exist)
+        return None
+    parts = Path(found).parts if isinstance(found, str) else ()
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -134,6 +146,8 @@ class Sam3Runtime:
         self.processor = processor
         self.model_id = model_id
         self.revision = revision
+        # The commit the hub resolved the revision to (None for a local folder): outputs name the weights.
+        self.commit: str | None = resolved_commit(model_id, revision or "main")
         self.device = device
         self.precision = precision or Precision(str(dtype).removeprefix("torch."), dtype)
         self.dtype = self.precision.weights

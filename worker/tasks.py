@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
+from celery.utils.time import get_exponential_backoff_interval
 from pydantic import ValidationError
 
 from sam3_batch.contracts.errors import JobCancelledError, StaleGenerationError, is_transient, reason_of
@@ -19,15 +20,34 @@ from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import ChunkMessage, ItemOutcome
 from sam3_batch.worker import metrics
 from sam3_batch.worker.celery_app import app
-from sam3_batch.worker.pipeline import ChunkResult, process_chunk
+from sam3_batch.worker.health import HEALTH
+from sam3_batch.worker.pipeline import ChunkResult, TransientFailure, process_chunk
 from sam3_batch.worker.state import WorkerState, worker_state
 
 log = logging.getLogger(__name__)
 
 
+TRANSIENT_LOG_LINES_PER_CHUNK = 5
+RETRY_BACKOFF_FACTOR_S = 2
+RETRY_BACKOFF_MAX_S = 60
+
+
 def retry_countdown(retries: int) -> float:
-    """Exponential backoff between task-level retries: 2, 4, 8 ... seconds, at most 60."""
-    return float(min(2 ** (retries + 1), 60))
+    """Exponential backoff with full jitter between task retries (Celery's own ``retry_backoff`` +
+    ``retry_jitter`` rule): a random 0..2, 0..4, 0..8 ... seconds, at most 60, so a fleet hit by the same
+    outage does not retry in lockstep."""
+    return float(get_exponential_backoff_interval(
+        RETRY_BACKOFF_FACTOR_S, retries, RETRY_BACKOFF_MAX_S, full_jitter=True))
+
+
+def _log_transient(chunk: ChunkMessage, found: list[TransientFailure]) -> None:
+    """Each transient error with its image, operation and (redacted) cause; a few lines per chunk at most."""
+    for failure in found[:TRANSIENT_LOG_LINES_PER_CHUNK]:
+        log.warning("chunk %s: transient error in %s of %s: %s", chunk.chunk_id, failure.operation, failure.uri,
+                    failure.reason, extra={**_ids(chunk), "uri": failure.uri})
+    if len(found) > TRANSIENT_LOG_LINES_PER_CHUNK:
+        log.warning("chunk %s: %d more transient errors", chunk.chunk_id,
+                    len(found) - TRANSIENT_LOG_LINES_PER_CHUNK, extra=_ids(chunk))
 
 
 def _ids(chunk: ChunkMessage) -> dict[str, str]:
@@ -46,10 +66,17 @@ def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> Non
         raise StaleGenerationError(f"chunk {chunk.chunk_id} belongs to an older plan of job {chunk.job_id}")
     spec = state.spec(chunk.job_id)
     write_chunk_part(state.chunk_context.storage, spec, chunk.chunk_id, result.outcomes, result.metadata)
+    commit = getattr(state.chunk_context.runtime, "commit", None)
+    if commit:
+        state.store.note_model_commit(chunk.job_id, commit)
     counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds,
                                        generation=chunk.generation)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
-    failed = sum(1 for o in result.outcomes if o.status == "failed")
+    metrics.LAST_CHUNK_FINISHED.set_to_current_time()
+    failed_outcomes = [o for o in result.outcomes if o.status == "failed"]
+    for outcome in failed_outcomes if counted else []:  # once per image: a duplicate chunk logs nothing
+        log.warning("image failed: %s: %s", outcome.uri, outcome.reason, extra={**_ids(chunk), "uri": outcome.uri})
+    failed = len(failed_outcomes)
     log.info("chunk %s finished: %d done, %d failed, model %.2fs", chunk.chunk_id, len(result.outcomes) - failed,
              failed, result.model_seconds, extra=_ids(chunk))
     finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
@@ -127,13 +154,19 @@ def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult
         raise
     except Exception as exc:
         if is_transient(exc) and not final_attempt:
+            metrics.TRANSIENT_ERRORS.labels(operation="chunk").inc()
+            metrics.TASK_RETRIES.inc()
+            log.warning("chunk %s: transient error: %s; retrying", chunk.chunk_id, reason_of(exc), extra=_ids(chunk))
             raise task.retry(exc=exc, countdown=retry_countdown(retries)) from exc
         log.exception("chunk %s failed as a whole", chunk.chunk_id, extra=_ids(chunk))
         return _whole_chunk_failed(chunk, f"internal error: {reason_of(exc)}")
+    _log_transient(chunk, result.transient)
     if result.retry_later:
-        log.warning("chunk %s: %d items hit transient errors; retrying", chunk.chunk_id,
-                    len(result.retry_later), extra=_ids(chunk))
-        raise task.retry(countdown=retry_countdown(retries))
+        countdown = retry_countdown(retries)
+        log.warning("chunk %s: %d items hit transient errors; retry %d in %.1fs", chunk.chunk_id,
+                    len(result.retry_later), retries + 1, countdown, extra=_ids(chunk))
+        metrics.TASK_RETRIES.inc()
+        raise task.retry(countdown=countdown)
     return result
 
 
@@ -167,4 +200,5 @@ def run_chunk_task(task: Task, message: dict[str, Any]) -> str:
 @app.task(bind=True, name=TASK_NAME, max_retries=None)  # type: ignore[untyped-decorator]
 def process_chunk_task(self: Task, message: dict[str, Any]) -> str:
     """Celery entry point for one chunk message."""
-    return run_chunk_task(self, message)
+    with HEALTH.chunk(str(self.request.id)):  # /healthz fails if this one chunk runs past its limit
+        return run_chunk_task(self, message)

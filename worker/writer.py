@@ -54,6 +54,7 @@ class ImageJob:
     prompts: list[PromptSpec] = field(default_factory=list)
     objects: list[ObjectPrompt] = field(default_factory=list)
     object_detections: list[PromptDetections] = field(default_factory=list)  # one per object
+    model_commit: str | None = None  # the loaded model's resolved hub commit, recorded in the metadata
 
     @classmethod
     def of_image(
@@ -168,7 +169,7 @@ def build_metadata(job: ImageJob, layout: OutputLayout, masked_uri: str | None) 
     return ImageMetadata(
         job_id=job.spec.job_id, chunk_id=job.chunk_id,
         image=ImageInfo(uri=shown, width=job.size_wh[0], height=job.size_wh[1], file_name=name),
-        model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision),
+        model=ModelInfo(id=job.spec.model_id, revision=job.spec.model_revision, commit=job.model_commit),
         thresholds=job.spec.thresholds,
         categories=_categories(job),
         prompts=[_prompt_summary(job, index, d) for index, d in enumerate(job.detections)],

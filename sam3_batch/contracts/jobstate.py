@@ -21,11 +21,25 @@ from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobS
 KEY_PREFIX = "sam3b"
 REPORT_CLAIM_TTL_S = 600
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"
+JOB_PARTS = ("spec", "counters", "planned", "recorded", "started", "failures", "checkpoint", "cancelled",
+             "report_claim")
 
 
 def job_key(job_id: str, part: str) -> str:
     """The Redis key of one part of a job's state."""
     return f"{KEY_PREFIX}:{{{job_id}}}:{part}"
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """A job's extras beside its counters: when it started and last moved, model time, and a fatal error."""
+
+    started_at: float
+    last_update: float | None = None
+    gpu_seconds: float = 0.0
+    instances: int = 0
+    error: str | None = None  # set when the job as a whole failed (e.g. its source could not be opened)
+    model_commit: str | None = None  # the hub commit the first worker to record a chunk had loaded
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,9 @@ class JobStore(Protocol):
     def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool: ...
     def mark_listing_complete(self, job_id: str) -> None: ...
     def counters(self, job_id: str) -> JobCounters: ...
-    def stats(self, job_id: str) -> dict[str, float]: ...
+    def stats(self, job_id: str) -> JobStats: ...
+    def set_error(self, job_id: str, reason: str | None) -> None: ...
+    def note_model_commit(self, job_id: str, commit: str) -> None: ...
     def failures(self, job_id: str, limit: int | None = None) -> list[Failure]: ...
     def checkpoint(self, job_id: str) -> Checkpoint | None: ...
     def cancel(self, job_id: str) -> None: ...
@@ -59,6 +75,8 @@ class JobStore(Protocol):
     def settle_report(self, job_id: str, written: bool) -> None: ...
     def reopen_failures(self, job_id: str) -> list[Failure]: ...
     def job_ids(self) -> list[str]: ...
+    def expire(self, job_id: str, seconds: int | None) -> None: ...
+    def delete(self, job_id: str) -> None: ...
     def generation(self, job_id: str) -> int: ...
     def start_generation(self, job_id: str) -> int: ...
 
@@ -111,7 +129,7 @@ local gen = redis.call('HINCRBY', KEYS[1], 'generation', 1)
 for _, field in ipairs({'total', 'done', 'failed', 'skipped', 'instances'}) do
   redis.call('HSET', KEYS[1], field, 0)
 end
-redis.call('HDEL', KEYS[1], 'listing_complete')
+redis.call('HDEL', KEYS[1], 'listing_complete', 'error')
 for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 return gen
 """
@@ -136,9 +154,9 @@ return taken
 class RedisJobStore:
     """Job state in Redis (one client, safe to share between threads)."""
 
-    def __init__(self, url: str, *, client: redis.Redis | None = None) -> None:
+    def __init__(self, url: str, *, client: redis.Redis | None = None, retries: int = 20) -> None:
         # Reconnect with backoff for about a minute so a Redis restart does not fail the work in hand.
-        retry = Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=20)
+        retry = Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=retries)
         self._redis: redis.Redis = client or redis.Redis.from_url(
             url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30,
             retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError],
@@ -228,11 +246,27 @@ class RedisJobStore:
             listing_complete=values.get("listing_complete") == "1",
         )
 
-    def stats(self, job_id: str) -> dict[str, float]:
-        """Numeric extras: started_at, last_update, gpu_seconds, instances."""
+    def stats(self, job_id: str) -> JobStats:
         values = self._counter_hash(job_id)
-        keys = ("started_at", "last_update", "gpu_seconds", "instances")
-        return {k: float(values[k]) for k in keys if k in values}
+        last_update = values.get("last_update")
+        return JobStats(
+            started_at=float(values.get("started_at", time.time())),
+            last_update=None if last_update is None else float(last_update),
+            gpu_seconds=float(values.get("gpu_seconds", 0.0)), instances=int(values.get("instances", 0)),
+            error=values.get("error"), model_commit=values.get("model_commit"),
+        )
+
+    def note_model_commit(self, job_id: str, commit: str) -> None:
+        """Remember the model commit that made the job's outputs (the first one noted stays)."""
+        self._redis.hsetnx(job_key(job_id, "counters"), "model_commit", commit)
+
+    def set_error(self, job_id: str, reason: str | None) -> None:
+        """The job as a whole cannot go on: it ends in state ``failed``; None clears it (a resume)."""
+        if reason is None:
+            self._redis.hdel(job_key(job_id, "counters"), "error")
+            self._redis.delete(job_key(job_id, "report_claim"))
+        else:
+            self._redis.hset(job_key(job_id, "counters"), mapping={"error": reason, "last_update": time.time()})
 
     def failures(self, job_id: str, limit: int | None = None) -> list[Failure]:
         end = -1 if limit is None else limit - 1
@@ -268,14 +302,39 @@ class RedisJobStore:
             self._redis.delete(key)
 
     def reopen_failures(self, job_id: str) -> list[Failure]:
-        """Take the failed images out (uncounting them) so they can be submitted again."""
+        """Take the failed images out (uncounting them) so they can be submitted again (the job is kept)."""
+        self.expire(job_id, None)
         keys = [job_key(job_id, "failures"), job_key(job_id, "counters"), job_key(job_id, "report_claim")]
         raw: list[bytes] = self._reopen(keys=keys, args=[])
         return [Failure.model_validate_json(r) for r in raw]
 
     def job_ids(self) -> list[str]:
+        """Jobs newest first; jobs whose state expired are dropped from the index as they are seen."""
         raw: list[bytes] = self._redis.zrevrange(JOBS_INDEX, 0, -1)  # type: ignore[assignment]
-        return [r.decode() for r in raw]
+        ids = [r.decode() for r in raw]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(job_key(job_id, "spec"))
+            present = pipe.execute()
+        gone = [job_id for job_id, exists in zip(ids, present, strict=True) if not exists]
+        if gone:
+            self._redis.zrem(JOBS_INDEX, *gone)
+        return [job_id for job_id in ids if job_id not in gone]
+
+    def expire(self, job_id: str, seconds: int | None) -> None:
+        """Let every key of the job expire after ``seconds`` (None: keep them until deleted)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for part in JOB_PARTS:
+                if seconds is None:
+                    pipe.persist(job_key(job_id, part))
+                else:
+                    pipe.expire(job_key(job_id, part), seconds)
+            pipe.execute()
+
+    def delete(self, job_id: str) -> None:
+        """Remove the job's state from Redis (its outputs in storage stay)."""
+        self._redis.delete(*(job_key(job_id, part) for part in JOB_PARTS))
+        self._redis.zrem(JOBS_INDEX, job_id)
 
     def generation(self, job_id: str) -> int:
         raw = self._redis.hget(job_key(job_id, "counters"), "generation")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sam3_batch.contracts.errors import StaleGenerationError
-from sam3_batch.contracts.jobstate import Checkpoint, PlannedCounts, UnknownJobError
+from sam3_batch.contracts.jobstate import Checkpoint, JobStats, PlannedCounts, UnknownJobError
 from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
 
@@ -24,6 +24,8 @@ class _Job:
     failures: list[Failure] = field(default_factory=list)
     listing_complete: bool = False
     cancelled: bool = False
+    error: str | None = None
+    model_commit: str | None = None
     report_claimed: bool = False
     checkpoint: Checkpoint | None = None
     generation: int = 0
@@ -107,8 +109,25 @@ class MemoryJobStore:
             skipped=c.get("skipped", 0), listing_complete=job.listing_complete,
         )
 
-    def stats(self, job_id: str) -> dict[str, float]:
-        return dict(self._job(job_id).stats)
+    def stats(self, job_id: str) -> JobStats:
+        job = self._job(job_id)
+        return JobStats(
+            started_at=job.stats.get("started_at", time.time()), last_update=job.stats.get("last_update"),
+            gpu_seconds=job.stats.get("gpu_seconds", 0.0), instances=int(job.stats.get("instances", 0)),
+            error=job.error, model_commit=job.model_commit,
+        )
+
+    def note_model_commit(self, job_id: str, commit: str) -> None:
+        job = self._job(job_id)
+        job.model_commit = job.model_commit or commit
+
+    def set_error(self, job_id: str, reason: str | None) -> None:
+        job = self._job(job_id)
+        job.error = reason
+        if reason is None:
+            job.report_claimed = False
+        else:
+            job.stats["last_update"] = time.time()
 
     def failures(self, job_id: str, limit: int | None = None) -> list[Failure]:
         failures = self._job(job_id).failures
@@ -147,6 +166,13 @@ class MemoryJobStore:
 
     def job_ids(self) -> list[str]:
         return list(self._jobs)
+
+    def expire(self, job_id: str, seconds: int | None) -> None:
+        """Nothing to do: the store lives only as long as its process."""
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
 
     def generation(self, job_id: str) -> int:
         return self._job(job_id).generation

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import time
 from importlib import metadata
 
+from sam3_batch.contracts.accounting import account_job
 from sam3_batch.contracts.jobstate import JobStore
 from sam3_batch.contracts.layout import report_uri as report_uri
 from sam3_batch.contracts.schemas import IndexInfo, JobReport, ModelInfo
@@ -31,22 +31,17 @@ def build_report(store: JobStore, job_id: str, index: IndexInfo | None = None,
                  model_commit: str | None = None) -> JobReport:
     """A snapshot of the job: counts, failures with reasons, throughput, model, GPU-seconds, options."""
     spec = store.spec(job_id)
-    counters = store.counters(job_id)
-    stats = store.stats(job_id)
-    started = stats.get("started_at", spec.created_at or time.time())
-    finished = stats.get("last_update", time.time()) if counters.complete else time.time()
-    wall = max(finished - started, 1e-9)
-    state = "cancelled" if store.is_cancelled(job_id) else ("complete" if counters.complete else "running")
+    account = account_job(store, job_id)
+    commit = account.stats.model_commit or model_commit  # as the workers loaded it, else as the index says
     return JobReport(
-        job_id=job_id, state=state, counters=counters,
-        model=ModelInfo(id=spec.model_id, revision=spec.model_revision, commit=model_commit),
+        job_id=job_id, state=account.state, counters=account.counters,
+        model=ModelInfo(id=spec.model_id, revision=spec.model_revision, commit=commit),
         prompts=list(spec.prompts), output_root=spec.output_root, source=spec.source,
-        started_at=started, finished_at=finished, wall_seconds=wall,
-        images_per_second=(counters.done + counters.failed) / wall,
-        gpu_seconds=stats.get("gpu_seconds", 0.0),
-        failures=store.failures(job_id, limit=REPORT_FAILURE_LIMIT),
+        started_at=account.started_at, finished_at=account.finished_at, wall_seconds=account.wall_seconds,
+        images_per_second=account.images_per_second, gpu_seconds=account.stats.gpu_seconds,
+        failures=store.failures(job_id, limit=REPORT_FAILURE_LIMIT), error=account.stats.error,
         instances=index.instances if index else None, thresholds=spec.thresholds, outputs=spec.outputs,
-        model_commit=model_commit, software=software_versions(), index=index,
+        model_commit=commit, software=software_versions(), index=index,
     )
 
 
@@ -74,18 +69,20 @@ def _compact(storage: Storage, output_root: str, job_id: str) -> tuple[IndexInfo
 
 
 def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobReport | None:
-    """Compact the index and write the report once, by whichever caller first sees the job complete.
+    """Compact the index and write the report once, by whichever caller first sees the job ended
+    (complete, cancelled or failed); the job's state in Redis then expires after the spec's ``state_ttl_s``.
 
     The claim holds only while the report is written: a write that fails releases it (and raises), so
-    the next caller that sees the job complete (a redelivered chunk, the producer) writes it.
+    the next caller that sees the job ended (a redelivered chunk, the producer) writes it.
     """
-    if not store.counters(job_id).complete or not store.claim_report(job_id):
+    if not account_job(store, job_id).ended or not store.claim_report(job_id):
         return None
     written = False
     try:
         index, commit = _compact(storage, store.spec(job_id).output_root, job_id)
         report = write_report(store, storage, job_id, index, commit)
         written = True
-        return report
     finally:
         store.settle_report(job_id, written)
+    store.expire(job_id, store.spec(job_id).state_ttl_s)
+    return report

@@ -56,6 +56,7 @@ class JobSpec(_Strict):
     created_at: float = 0.0
     inputs: list[str] = Field(default_factory=list)  # an S3 prefix / folder, or http(s) URLs
     manifest: str | None = None
+    state_ttl_s: int | None = Field(None, ge=1)  # job state expires this long after the job ended
 
     @property
     def source(self) -> str:
@@ -270,7 +271,7 @@ class ImageInfo(_Strict):
 class ModelInfo(_Strict):
     id: str
     revision: str | None
-    commit: str | None = None  # the resolved commit, where the runtime knows it
+    commit: str | None = None  # the hub commit the worker actually loaded (None for a local folder)
 
 
 class ImageMetadata(_Strict):
@@ -339,7 +340,7 @@ class JobReport(_Strict):
     """Written to ``<output_root>/_jobs/<job_id>/report.json`` when the job ends."""
 
     job_id: str
-    state: Literal["complete", "cancelled", "running"]
+    state: Literal["complete", "cancelled", "failed", "running"]
     counters: JobCounters
     model: ModelInfo
     prompts: list[str]
@@ -357,3 +358,4 @@ class JobReport(_Strict):
     model_commit: str | None = None  # the resolved commit the outputs name, where known
     software: dict[str, str] = Field(default_factory=dict)  # sam3-batch, torch, transformers versions
     index: IndexInfo | None = None
+    error: str | None = None  # why the job as a whole failed

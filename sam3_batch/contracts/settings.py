@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     broker_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     state_url: SecretStr | None = None  # job state Redis; defaults to broker_url
     queue: str = "sam3"
-    visibility_timeout_s: int = Field(3600, ge=10)
+    visibility_timeout_s: int = Field(900, ge=10)  # see docs/deploy.md "Timeouts" for the arithmetic
     chunk_size: int = Field(32, ge=1, le=1000)
     queue_high_water: int = Field(2000, ge=1)  # chunks; producer pauses above this
     queue_low_water: int = Field(1000, ge=0)  # and resumes below this
@@ -62,8 +62,12 @@ class Settings(BaseSettings):
     io_workers: int = Field(4, ge=1)
 
     # Operations
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # also serves /healthz and /readyz
     log_json: bool = False
+    progress_interval_s: float = Field(10.0, gt=0)  # off a terminal: one progress line this often
+    finished_job_ttl_s: int = Field(14 * 86400, ge=0)  # job state in Redis expires after; 0 keeps it
+    health_stale_s: float = Field(60.0, gt=0)  # /healthz fails when the consumer loop is silent this long
+    health_chunk_limit_s: float = Field(600.0, gt=0)  # ... or one chunk has run longer than this
     task_retries: int = Field(3, ge=0)
     # Heartbeats: a dead worker's chunks go back on the queue within seconds (off: visibility timeout only).
     worker_heartbeat: bool = True
