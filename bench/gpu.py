@@ -6,7 +6,7 @@
 
 Random weights cost the same compute as the real ones (same shapes, same kernels), so images/s and memory
 are what ``facebook/sam3`` gives; only the masks are meaningless. Prints, measured in one run:
-  - the bare forward on pre-decoded, pre-resized tensors (``Sam3Runtime.bare_forward``, host-to-device
+  - the bare forward on pre-decoded, pre-resized tensors (``bench.common.bare_forward``, host-to-device
     copy included): images/s, ms/image and peak GPU memory (``torch.cuda.max_memory_allocated``) by
     dtype and batch size, and the batch size ``Sam3Runtime.suggest_batch_size`` picks from free memory;
   - end-to-end efficiency: the product's ``process_chunk`` on JPEG photos in a local folder (read, decode,
@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModel, Sam3Config, Sam3Processor
 from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 
-from bench.common import batches, machine_line, parse_size, photo, table
+from bench.common import bare_forward, batches, machine_line, parse_size, photo, table
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
@@ -158,10 +158,10 @@ def bare_point(runtime: Sam3Runtime, images: list[PreparedImage], batch: int) ->
     _reset_peak(runtime.device)
     try:
         for _ in range(2):
-            runtime.bare_forward(rows, PROMPT)
+            bare_forward(runtime, rows, PROMPT)
         iterations, start = 0, time.perf_counter()
         while iterations < MIN_ITERATIONS or time.perf_counter() - start < MIN_TIMED_S:
-            runtime.bare_forward(rows, PROMPT)
+            bare_forward(runtime, rows, PROMPT)
             iterations += 1
         elapsed = time.perf_counter() - start
     except torch.OutOfMemoryError:

@@ -8,8 +8,8 @@ Everything runs on one set of JPEG photos in a moto S3 server (its own process) 
   1. pipeline efficiency: a real worker (``python -m sam3_batch worker``) and a real ``submit`` of the S3
      prefix; timed from the submit call until the job's counters say complete (listing, queueing,
      download, decode, resize, model, RLE, upload and the per-chunk bookkeeping all included). Divided
-     by the bare model's images/s on pre-decoded tensors at the same batch size (``Sam3Runtime.
-     bare_forward``), measured in this process before and after the worker runs.
+     by the bare model's images/s on pre-decoded tensors at the same batch size
+     (``bench.common.bare_forward``), measured in this process before and after the worker runs.
   2. the naive loop: the same images one at a time in this process (download, decode, prepare, segment
      a batch of one, write), as a user of a per-image API would: speed-up of the pipeline over it.
   3. (chunk boundaries, I/O placement) the same job at several chunk sizes, with the solo pool (one chunk

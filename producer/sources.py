@@ -45,8 +45,6 @@ SourceEntry = SourceItem | SourceProblem
 class Source(Protocol):
     """Streams entries after a position (exclusive); positions sort in listing order."""
 
-    description: str
-
     def entries(self, start_after: str | None) -> Iterator[SourceEntry]: ...
 
 
@@ -59,7 +57,6 @@ class PrefixSource:
 
     def __init__(self, storage: Storage, prefix_uri: str, extensions: frozenset[str] = IMAGE_EXTENSIONS):
         self.storage, self.prefix_uri, self.extensions = storage, prefix_uri, extensions
-        self.description = prefix_uri
 
     def entries(self, start_after: str | None) -> Iterator[SourceEntry]:
         for obj in self.storage.list_objects(self.prefix_uri, start_after=start_after):
@@ -98,7 +95,6 @@ class ManifestSource:
 
     def __init__(self, storage: Storage, manifest_uri: str) -> None:
         self.storage, self.manifest_uri = storage, manifest_uri
-        self.description = f"manifest {manifest_uri}"
 
     def _records(self) -> Iterator[tuple[int, object]]:
         text = self.storage.read_bytes(self.manifest_uri).decode("utf-8-sig", errors="replace")
@@ -131,7 +127,6 @@ class UrlSource:
 
     def __init__(self, urls: list[str]) -> None:
         self.urls = urls
-        self.description = f"{len(urls)} URL(s)"
 
     def entries(self, start_after: str | None) -> Iterator[SourceEntry]:
         for index, url in enumerate(self.urls):
@@ -142,30 +137,3 @@ class UrlSource:
                 yield SourceItem(uri=url, out_key=key_from_uri(url), position=position)
             except BadUriError as exc:
                 yield SourceProblem(url, str(exc), position)
-
-
-def open_source(storage: Storage, inputs: list[str], manifest: str | None = None) -> Source:
-    """Choose the source from what the user gave: a manifest, http(s) URLs, or one prefix/folder.
-
-    An S3 Inventory ``manifest.json`` (given as ``--manifest`` or as the only input) is read with
-    ``InventorySource``; with ``--manifest``, one input names the prefix to take from the inventory.
-    """
-    from sam3_batch.producer.inventory import InventorySource, is_inventory_manifest  # it imports this module
-
-    if manifest and is_inventory_manifest(manifest):
-        if len(inputs) > 1:
-            raise BadUriError("with an S3 Inventory manifest, give at most one prefix to take from it")
-        return InventorySource(storage, manifest, prefix=inputs[0] if inputs else "")
-    if len(inputs) == 1 and not manifest and is_inventory_manifest(inputs[0]):
-        return InventorySource(storage, inputs[0])
-    if manifest:
-        return ManifestSource(storage, manifest)
-    if inputs and all(i.startswith(("http://", "https://")) for i in inputs):
-        return UrlSource(inputs)
-    if len(inputs) != 1:
-        raise BadUriError("give one S3 prefix or folder, or http(s) URLs, or --manifest FILE")
-    source = inputs[0]
-    scheme = source.split("://", 1)[0] if "://" in source else ""
-    if scheme not in ("", "s3", "file"):
-        raise BadUriError(f"unsupported input scheme {scheme!r}: use s3://, file://, a path or http(s) URLs")
-    return PrefixSource(storage, source)

@@ -37,6 +37,8 @@ SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata alr
 Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+# run and submit take the job options with the defaults the job spec has: written once, in the schemas.
+SPEC_THRESHOLDS, SPEC_OUTPUTS = Thresholds(), OutputOptions()
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -64,8 +66,9 @@ def _request(inputs: list[str] | None, prompts: list[str], out_root: str, manife
 @app.command()
 def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks",  # noqa: B006
         manifest: Manifest = None, model: Model = None, revision: Revision = None,
-        threshold: Threshold = 0.3, mask_threshold: MaskThreshold = 0.5, png_masks: PngMasks = False,
-        masked: Masked = False, output_format: OutputFormat = "png", batch_size: BatchSize = None,
+        threshold: Threshold = SPEC_THRESHOLDS.score, mask_threshold: MaskThreshold = SPEC_THRESHOLDS.mask,
+        png_masks: PngMasks = SPEC_OUTPUTS.png_masks, masked: Masked = SPEC_OUTPUTS.masked_image,
+        output_format: OutputFormat = SPEC_OUTPUTS.output_format, batch_size: BatchSize = None,
         chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, device: Device = None,
         dtype: Dtype = None) -> None:
     """Segment a folder (or any source) in this process: no Redis, no S3 needed."""
@@ -87,8 +90,9 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
 
 @app.command()
 def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # noqa: B006
-           manifest: Manifest = None, threshold: Threshold = 0.3, mask_threshold: MaskThreshold = 0.5,
-           png_masks: PngMasks = False, masked: Masked = False, output_format: OutputFormat = "png",
+           manifest: Manifest = None, threshold: Threshold = SPEC_THRESHOLDS.score,
+           mask_threshold: MaskThreshold = SPEC_THRESHOLDS.mask, png_masks: PngMasks = SPEC_OUTPUTS.png_masks,
+           masked: Masked = SPEC_OUTPUTS.masked_image, output_format: OutputFormat = SPEC_OUTPUTS.output_format,
            chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, model: Model = None,
            revision: Revision = None,
            resume: Annotated[str | None, typer.Option(help="Resume this job id.")] = None,

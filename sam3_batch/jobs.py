@@ -17,8 +17,9 @@ from sam3_batch.contracts.storage import Storage
 from sam3_batch.embedded import InlineDispatcher
 from sam3_batch.producer.backpressure import Backpressure, QueueDepth
 from sam3_batch.producer.dispatch import CeleryDispatcher
-from sam3_batch.producer.sources import Source, open_source
-from sam3_batch.producer.submit import ProducerSummary, new_job_id, run_producer
+from sam3_batch.producer.feed import ProducerSummary, new_job_id, run_producer
+from sam3_batch.producer.inputs import open_source
+from sam3_batch.producer.sources import Source
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from sam3_batch.contracts.errors import BadImageError
 
-SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-)
-
 # Pillow is only allowed to try these parsers: PSD, EPS (which runs Ghostscript), ICO, ... are refused unread.
+# Sources list the files whose extension is in contracts.keys.IMAGE_EXTENSIONS (a test checks they match).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 # Transparent pixels are composited on white, the way viewers and browsers usually show them.

@@ -162,18 +162,6 @@ class Sam3Runtime:
         with self._model_lock, torch.inference_mode():
             return self._segment_splitting_on_oom(images, prompts, thresholds)
 
-    def bare_forward(self, images: list[PreparedImage], prompt: str) -> None:
-        """The model forward alone on prepared images (no post-processing): the throughput ceiling."""
-        with self._model_lock, torch.inference_mode():
-            features, attention_mask = self._text_rows([prompt] * len(images))
-            self.model(
-                pixel_values=self._stack(images),
-                text_embeds=as_text_embeds(features),
-                attention_mask=attention_mask,
-            )
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-
     def suggest_batch_size(self, prompts_per_image: int = AUTO_BATCH_PROMPTS, limit: int = AUTO_BATCH_LIMIT) -> int:
         """Images per batch for this device: on CUDA, what fits the free memory, probed with 1 and 2 images.
 

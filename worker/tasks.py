@@ -18,7 +18,7 @@ from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import ChunkMessage, ItemOutcome
 from sam3_batch.worker import metrics
 from sam3_batch.worker.celery_app import app
-from sam3_batch.worker.parquet_parts import write_chunk_part
+from sam3_batch.worker.chunk_record import record_chunk
 from sam3_batch.worker.pipeline import ChunkResult, process_chunk
 from sam3_batch.worker.state import WorkerState, worker_state
 
@@ -41,10 +41,8 @@ def _whole_chunk_failed(chunk: ChunkMessage, reason: str) -> ChunkResult:
 
 
 def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> None:
-    # The part must exist before the chunk counts as done: a crash in between redelivers the chunk.
     output_root = state.spec(chunk.job_id).output_root
-    write_chunk_part(state.chunk_context.storage, output_root, chunk.job_id, chunk.chunk_id, result.metadata)
-    counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
+    counted = record_chunk(state.store, state.chunk_context.storage, output_root, chunk, result)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
     failed = sum(1 for o in result.outcomes if o.status == "failed")
     log.info("chunk %s finished: %d done, %d failed, model %.2fs", chunk.chunk_id, len(result.outcomes) - failed,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sam3_batch.contracts.jobstate import Checkpoint, JobStore, PlannedCounts
@@ -54,7 +53,6 @@ def run_producer(
     chunk_size: int,
     *,
     skip_existing: bool = False,
-    on_progress: Callable[[ProducerSummary], None] = lambda summary: None,
 ) -> ProducerSummary:
     """Enqueue every image of the source once, continuing from the job's checkpoint if it has one.
 
@@ -88,7 +86,6 @@ def run_producer(
         _register(store, job_id, planned, generation)
         summary.skipped += planned.skipped
         summary.problems += len(planned.problems)
-        on_progress(summary)
     store.mark_listing_complete(job_id)
     summary.listing_complete = True
     finalize_if_complete(store, storage, job_id)
