@@ -78,7 +78,7 @@ from sam3_batch.worker.decode import decode_image
 from sam3_batch.worker.encode import encode_masked_image, encode_png_mask, union_of
 from sam3_batch.worker.io_stages import Preparer
 from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
-from sam3_batch.worker.writer import ImageJob, build_metadata, write_image_outputs
+from sam3_batch.worker.writer import WriteRequest, build_metadata, write_image_outputs
 
 BUCKET = "bench"
 QUEUE = "sam3-pipeline-bench"
@@ -260,7 +260,7 @@ def measure_ceiling(runtime: Sam3Runtime, prepared: list[PreparedImage], config:
 
 
 def naive_loop(runtime: Sam3Runtime, settings: Settings, uris: list[str], config: Config,
-               keep: list[ImageJob], ceiling: Ceiling) -> NaiveFigures:
+               keep: list[WriteRequest], ceiling: Ceiling) -> NaiveFigures:
     """One image at a time, each stage waiting for the last: what a per-image API loop does."""
     spec = JobSpec(job_id="naive", prompts=[PROMPT], thresholds=thresholds(config),
                    output_root=f"s3://{BUCKET}/out-naive/")
@@ -278,7 +278,7 @@ def naive_loop(runtime: Sam3Runtime, settings: Settings, uris: list[str], config
         [detections] = runtime.segment([prepared], [[PROMPT]], spec.thresholds)
         mark = _lap(stage_s, "model", mark)
         item = WorkItem(uri=uri, out_key=uri.rsplit("/", 1)[-1])
-        job = ImageJob.of_image(spec, "naive", item, image, detections, {})
+        job = WriteRequest.of_image(spec, "naive", item, image, detections, {})
         write_image_outputs(job, storage)
         _lap(stage_s, "encode_upload", mark)
         if len(keep) < ENCODING_SAMPLE:  # with the pixels, for the masked-image encoding cost
@@ -293,7 +293,7 @@ def _lap(stage_s: dict[str, float], stage: str, mark: float) -> float:
     return now
 
 
-def encoding_costs(jobs: list[ImageJob], storage: Storage) -> EncodingFigures:
+def encoding_costs(jobs: list[WriteRequest], storage: Storage) -> EncodingFigures:
     """Per image: the metadata document (RLE of every mask + JSON), PNG of every mask, the masked image,
     and their uploads, each step timed on its own."""
     totals = dict.fromkeys(("metadata", "upload_metadata", "png", "upload_png", "masked_png"), 0.0)
@@ -323,7 +323,7 @@ def encoding_costs(jobs: list[ImageJob], storage: Storage) -> EncodingFigures:
 # -------------------------------------------------------------------------------- GIL contention
 
 
-def _io_loop(settings: Settings, preparer: Preparer, uris: list[str], job: ImageJob,
+def _io_loop(settings: Settings, preparer: Preparer, uris: list[str], job: WriteRequest,
              keep_going: Callable[[], bool], count: Callable[[], None]) -> None:
     """The worker's per-image I/O, flat out: download, decode, prepare, then write the outputs."""
     storage, index = Storage(settings), 0
@@ -338,7 +338,7 @@ def _io_loop(settings: Settings, preparer: Preparer, uris: list[str], job: Image
 
 def _in_process(settings: Settings, preparer: Preparer, uris: list[str], job_pickle: bytes,
                 stop: Any, done: Any) -> None:
-    job: ImageJob = pickle.loads(job_pickle)
+    job: WriteRequest = pickle.loads(job_pickle)
     def count() -> None:
         with done.get_lock():
             done.value += 1
@@ -348,7 +348,7 @@ def _in_process(settings: Settings, preparer: Preparer, uris: list[str], job_pic
 
 
 def contention(runtime: Sam3Runtime, sample: list[PreparedImage], settings: Settings, uris: list[str],
-               job: ImageJob, config: Config) -> ContentionFigures:
+               job: WriteRequest, config: Config) -> ContentionFigures:
     """The same I/O work beside the model in a thread (sharing its GIL) and in a process (not sharing it)."""
     alone = bare_images_per_s(runtime, sample, config.batch_size, PROMPT)
     stop, done = threading.Event(), [0]
@@ -469,7 +469,7 @@ def measure(config: Config, checkpoint: Path, redis_url: str, moto: Service) -> 
     sample = prepared[: min(len(prepared), CEILING_SAMPLE)]
     figures = Figures(machine_line(), _config_dict(config), measure_ceiling(runtime, prepared, config))
     print(f"bare model: {figures.ceiling.bare:.2f} images/s at batch {config.batch_size}", flush=True)
-    kept: list[ImageJob] = []
+    kept: list[WriteRequest] = []
     naive_ceiling = measure_ceiling(runtime, sample, config)
     figures.naive = naive_loop(runtime, settings, uris[: config.naive_images], config, kept, naive_ceiling)
     print(f"naive loop: {figures.naive.images_per_s:.2f} images/s", flush=True)

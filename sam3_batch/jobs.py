@@ -48,7 +48,7 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
 def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
     from sam3_batch.worker.pipeline import ChunkContext
-    from sam3_batch.worker.state import load_runtime
+    from sam3_batch.worker.process_context import load_runtime
 
     storage = Storage(settings)
     source = open_source(storage, request.inputs, request.manifest)

@@ -10,7 +10,7 @@ from celery.signals import worker_process_init
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.worker import metrics
 from sam3_batch.worker.celery_app import configure_app
-from sam3_batch.worker.state import init_worker_state
+from sam3_batch.worker.process_context import init_worker_context
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +22,9 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
         metrics.serve(settings.metrics_port)
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
-        worker_process_init.connect(lambda **_: init_worker_state(settings), weak=False)
+        worker_process_init.connect(lambda **_: init_worker_context(settings), weak=False)
     else:
-        init_worker_state(settings)
+        init_worker_context(settings)
     argv = [
         "worker", "--queues", settings.queue, "--pool", pool, "--concurrency", str(concurrency),
         "--loglevel", loglevel, "--hostname", hostname or f"sam3@{socket.gethostname()}",

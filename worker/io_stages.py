@@ -24,7 +24,7 @@ from sam3_batch.contracts.schemas import ImageMetadata, JobSpec, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import decode_image
-from sam3_batch.worker.writer import ImageJob, pixels_for_writer, write_image_outputs
+from sam3_batch.worker.writer import WriteRequest, pixels_for_writer, write_image_outputs
 
 Preparer = Callable[[Image.Image], Any]  # decoded RGB image -> what the runtime's segment() takes
 
@@ -106,7 +106,7 @@ def load_image(resources: StageResources, item: WorkItem, spec: JobSpec, check_d
     )
 
 
-def write_image(resources: StageResources, job: ImageJob) -> WriteResult:
+def write_image(resources: StageResources, job: WriteRequest) -> WriteResult:
     """Encode and upload one image's outputs, metadata last."""
     start = time.perf_counter()
     try:

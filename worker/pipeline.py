@@ -34,7 +34,7 @@ from sam3_batch.worker.io_stages import (
     write_image,
 )
 from sam3_batch.worker.stage_pools import StagePool
-from sam3_batch.worker.writer import ImageJob
+from sam3_batch.worker.writer import WriteRequest
 
 
 class SegmentationRuntime(Protocol):
@@ -132,7 +132,7 @@ class _PendingWrite:
     """A submitted write; its job (masks and pixels) is kept only until the write is done."""
 
     item: WorkItem
-    job: ImageJob | None
+    job: WriteRequest | None
     future: Future[WriteResult]
 
     def release_job(self, future: Future[WriteResult]) -> None:
@@ -211,7 +211,7 @@ class _ChunkRun:
             _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt)
 
     def submit_write(self, entry: LoadedImage, detections: list[PromptDetections]) -> None:
-        job = ImageJob(
+        job = WriteRequest(
             self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms
         )
         pending = _PendingWrite(entry.item, job, self.ctx.writers.submit(write_image, job))
@@ -220,7 +220,7 @@ class _ChunkRun:
 
     def collect_writes(self) -> None:
         """Wait for every write; writes lost with a dead writer process are redone one at a time."""
-        orphans: list[tuple[WorkItem, ImageJob]] = []
+        orphans: list[tuple[WorkItem, WriteRequest]] = []
         for pending in self.writes:
             try:
                 written = _outcome_of(pending.future)

@@ -1,4 +1,4 @@
-"""Per-worker resources, filled once at start-up: the resident model, storage, job store, thread pools."""
+"""The worker process's context, filled once at start-up: the resident model, storage, job store, stage pools."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def load_runtime(settings: Settings) -> SegmentationRuntime:
 
 
 @dataclass
-class WorkerState:
+class WorkerContext:
     """Everything a chunk task needs, built once per worker process."""
 
     settings: Settings
@@ -52,24 +52,24 @@ class WorkerState:
         return self._specs[job_id]
 
 
-_state: WorkerState | None = None
+_context: WorkerContext | None = None
 _lock = threading.Lock()
 
 
-def init_worker_state(settings: Settings, runtime: SegmentationRuntime | None = None) -> WorkerState:
-    """Build the process-wide worker state (loads the model unless one is given)."""
-    global _state
+def init_worker_context(settings: Settings, runtime: SegmentationRuntime | None = None) -> WorkerContext:
+    """Build the process-wide worker context (loads the model unless one is given)."""
+    global _context
     with _lock:
-        if _state is None:
+        if _context is None:
             storage = Storage(settings)
             store = RedisJobStore(settings.state_redis_url())
             runtime = runtime or load_runtime(settings)
-            _state = WorkerState(settings, store, ChunkContext.create(runtime, storage, settings))
-        return _state
+            _context = WorkerContext(settings, store, ChunkContext.create(runtime, storage, settings))
+        return _context
 
 
-def worker_state() -> WorkerState:
-    """The state built by ``init_worker_state``; a task running without it is a set-up bug."""
-    if _state is None:
-        raise RuntimeError("worker state is not initialised: start workers with `sam3-batch worker`")
-    return _state
+def worker_context() -> WorkerContext:
+    """The context built by ``init_worker_context``; a task running without it is a set-up bug."""
+    if _context is None:
+        raise RuntimeError("worker context is not initialised: start workers with `sam3-batch worker`")
+    return _context
