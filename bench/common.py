@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.redis_probe import PrivateRedis
 from sam3_batch.contracts.queue import make_celery
 from sam3_batch.contracts.settings import ENV_PREFIX, Settings
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.model_input import PreparedImage
+from sam3_batch.worker.runtime import Sam3Runtime
 from sam3_batch.worker.sam3_adapter import as_text_embeds
 from sam3_batch.worker.tiny_model import build_checkpoint
 

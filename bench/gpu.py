@@ -37,8 +37,9 @@ from bench.common import bare_forward, batches, machine_line, parse_size, photo,
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.model_input import PreparedImage
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime, resolve_dtype
+from sam3_batch.worker.runtime import Sam3Runtime, resolve_dtype
 from sam3_batch.worker.tiny_model import build_checkpoint, build_tokenizer
 
 PROMPT = "object"

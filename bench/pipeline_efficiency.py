@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import numpy as np
 import torch
 from PIL import Image
 
@@ -74,10 +73,10 @@ from sam3_batch.contracts.schemas import JobSpec, OutputOptions, Thresholds, Wor
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.jobs import JobRequest, submit
-from sam3_batch.worker.decode import decode_image
+from sam3_batch.worker.decode import decode_image, rgb_pixels
 from sam3_batch.worker.encode import encode_masked_image, encode_png_mask, union_of
-from sam3_batch.worker.io_stages import Preparer
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.model_input import PreparedImage, Preparer
+from sam3_batch.worker.runtime import Sam3Runtime
 from sam3_batch.worker.writer import WriteRequest, build_metadata, write_image_outputs
 
 BUCKET = "bench"
@@ -282,7 +281,7 @@ def naive_loop(runtime: Sam3Runtime, settings: Settings, uris: list[str], config
         write_image_outputs(job, storage)
         _lap(stage_s, "encode_upload", mark)
         if len(keep) < ENCODING_SAMPLE:  # with the pixels, for the masked-image encoding cost
-            keep.append(replace(job, rgb=torch.from_numpy(np.array(image))))
+            keep.append(replace(job, rgb=rgb_pixels(image)))
     wall = time.perf_counter() - start
     return NaiveFigures(len(uris), wall, {s: 1000.0 * v / len(uris) for s, v in stage_s.items()}, ceiling)
 
@@ -313,7 +312,7 @@ def encoding_costs(jobs: list[WriteRequest], storage: Storage) -> EncodingFigure
             storage.write_bytes(layout.mask_png_uri(0, index), data, "image/png")
         mark = _lap(totals, "upload_png", mark)
         assert job.rgb is not None
-        image = Image.fromarray(job.rgb.numpy())
+        image = Image.fromarray(job.rgb)
         for m in stacked:
             encode_masked_image(image, union_of(m), "png")
         _lap(totals, "masked_png", mark)
@@ -364,7 +363,7 @@ def contention(runtime: Sam3Runtime, sample: list[PreparedImage], settings: Sett
     server = multiprocessing.get_context("forkserver")
     process_stop, process_done = server.Event(), server.Value("i", 0)
     child = server.Process(target=_in_process,
-                           # plain pickle: torch cannot hand shared-memory tensors to a process being started
+                           # plain pickle: shared-memory arrays cannot be handed to a process being started
                            args=(settings, runtime.preparer, uris, pickle.dumps(job), process_stop, process_done))
     child.start()
     wait_for(lambda: process_done.value > 0, 120, "the I/O process to get going")  # past its start-up

@@ -47,9 +47,11 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
 
 def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
+    from sam3_batch.worker.decode import limit_pillow_pixels
     from sam3_batch.worker.pipeline import ChunkContext
     from sam3_batch.worker.process_context import load_runtime
 
+    limit_pillow_pixels(settings.max_image_pixels)  # this process decodes when loaders are threads
     storage = Storage(settings)
     source = open_source(storage, request.inputs, request.manifest)
     context = ChunkContext.create(load_runtime(settings), storage, settings)

@@ -1,20 +1,19 @@
 """``process_chunk``: load in the loader pool -> batched model -> write in the writer pool.
 
 The model runs here, in the calling thread; loading (read, decode, prepare) and writing (encode, upload)
-run in stage pools (``worker.stage_pools``: processes by default). The Celery task and the embedded
-runner both call this one function.
+are steps (``worker.io_stages``) run by stage pools (``worker.stage_pools``: processes by default). The
+Celery task and the embedded runner both call this one function.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from PIL import Image
+from typing import Protocol, TypeVar
 
 from sam3_batch.contracts.errors import JobCancelledError
 from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcome, JobSpec, Thresholds, WorkItem
@@ -24,17 +23,23 @@ from sam3_batch.worker import metrics
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.io_stages import (
     AlreadyDone,
+    DoneCheck,
     LoadedImage,
+    Loader,
+    LoaderSetup,
     LoadResult,
-    Preparer,
     StageFailure,
     WriteResult,
+    WriterSetup,
     WrittenImage,
     load_image,
     write_image,
 )
-from sam3_batch.worker.stage_pools import StagePool
+from sam3_batch.worker.model_input import PreparedImage, Preparer
+from sam3_batch.worker.stage_pools import StagePool, StageProcessDied
 from sam3_batch.worker.writer import WriteRequest
+
+T = TypeVar("T")
 
 
 class SegmentationRuntime(Protocol):
@@ -49,7 +54,7 @@ class SegmentationRuntime(Protocol):
         ...
 
     def segment(
-        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
     ) -> list[list[PromptDetections]]: ...
 
 
@@ -60,20 +65,23 @@ class ChunkContext:
     runtime: SegmentationRuntime
     storage: Storage
     settings: Settings
-    loaders: StagePool
-    writers: StagePool
+    loaders: StagePool[Loader]
+    writers: StagePool[Storage]
+    # One batch on the model at a time; model time is measured inside it, so chunks waiting do not count.
+    model_turn: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, runtime: SegmentationRuntime, storage: Storage, settings: Settings) -> ChunkContext:
-        # One pixel limit for the process: Pillow's own bomb check then agrees with decode_image's.
-        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         if settings.batch_size == 0:  # automatic: what the runtime finds fits (free GPU memory)
             settings = settings.model_copy(update={"batch_size": _automatic_batch_size(runtime)})
         preparer = runtime.preparer
+        # The stage processes import the steps and the preparer's module once, in the forkserver.
+        preload = ("sam3_batch.worker.io_stages", getattr(preparer, "__module__", "") or "")
+        mode, workers = settings.io_mode, settings.io_workers
         return cls(
             runtime=runtime, storage=storage, settings=settings,
-            loaders=StagePool("loader", settings, preparer, storage),
-            writers=StagePool("writer", settings, preparer, storage),
+            loaders=StagePool("loader", LoaderSetup(settings, preparer), mode=mode, workers=workers, preload=preload),
+            writers=StagePool("writer", WriterSetup(settings), mode=mode, workers=workers, preload=preload),
         )
 
     def close(self) -> None:
@@ -117,7 +125,7 @@ def _batches(loaded: Iterable[LoadedImage], size: int) -> Iterator[list[LoadedIm
         yield batch
 
 
-def _outcome_of(future: Future[Any]) -> Any:
+def _outcome_of(future: Future[T]) -> T | StageFailure:
     """A stage future's result; a dead stage process is re-raised, anything else becomes a StageFailure."""
     try:
         return future.result()
@@ -127,17 +135,25 @@ def _outcome_of(future: Future[Any]) -> Any:
         return StageFailure.of(exc)
 
 
+def _alone(run_isolated: Callable[[], T]) -> T | StageFailure:
+    """The result of a step run alone (``StagePool.run_isolated``), or a failure if its process died every time."""
+    try:
+        return run_isolated()
+    except StageProcessDied as exc:
+        return StageFailure.of(exc)
+
+
 @dataclass
 class _PendingWrite:
-    """A submitted write; its job (masks and pixels) is kept only until the write is done."""
+    """A started write; its request (masks and pixels) is kept only until the write is done."""
 
     item: WorkItem
-    job: WriteRequest | None
+    request: WriteRequest | None
     future: Future[WriteResult]
 
-    def release_job(self, future: Future[WriteResult]) -> None:
+    def release_request(self, future: Future[WriteResult]) -> None:
         if not isinstance(future.exception(), BrokenProcessPool):  # kept to redo the write if its process died
-            self.job = None
+            self.request = None
 
 
 class _ChunkRun:
@@ -154,9 +170,10 @@ class _ChunkRun:
         If a loader process dies, every load in flight fails with it: those images are loaded again
         one at a time in a fresh pool, so that only an image that kills its process every time fails.
         """
-        futures = {
-            self.ctx.loaders.submit(load_image, item, self.spec, check_done): item for item in self.chunk.items
-        }
+        keep_pixels = self.spec.outputs.masked_image
+        done_check = DoneCheck(self.spec.output_root, self.spec.job_id) if check_done else None
+        loaders = self.ctx.loaders
+        futures = {loaders.start(load_image, item, keep_pixels, done_check): item for item in self.chunk.items}
         orphans: list[WorkItem] = []
         for future in as_completed(futures):
             try:
@@ -166,7 +183,8 @@ class _ChunkRun:
                 continue
             yield from self._accept_load(futures[future], loaded)
         for item in orphans:
-            yield from self._accept_load(item, self.ctx.loaders.run_isolated(load_image, item, self.spec, check_done))
+            alone = _alone(lambda: loaders.run_isolated(load_image, item, keep_pixels, done_check))  # noqa: B023
+            yield from self._accept_load(item, alone)
 
     def _accept_load(self, item: WorkItem, loaded: LoadResult) -> Iterator[LoadedImage]:
         if isinstance(loaded, StageFailure):
@@ -185,24 +203,30 @@ class _ChunkRun:
 
     def run_batch(self, batch: list[LoadedImage]) -> None:
         """One model call for the batch; if it fails, each image alone so one bad image fails alone."""
-        start = time.perf_counter()
+        prompts = [list(b.item.prompts or self.spec.prompts) for b in batch]
         try:
-            found = self.ctx.runtime.segment(
-                [b.prepared for b in batch], [b.prompts for b in batch], self.spec.thresholds
-            )
+            found, elapsed = self._segment([b.prepared for b in batch], prompts)
         except Exception:
             if len(batch) == 1:
                 raise
             for single in batch:
                 self.run_single(single)
             return
-        elapsed = time.perf_counter() - start
         self.result.model_seconds += elapsed
         metrics.BATCH_SIZE.observe(len(batch))
         for entry, detections in zip(batch, found, strict=True):
             entry.timings_ms["model"] = elapsed * 1000.0 / len(batch)
             metrics.observe_stage("model", elapsed / len(batch))
-            self.submit_write(entry, detections)
+            self.start_write(entry, detections)
+
+    def _segment(
+        self, images: list[PreparedImage], prompts: list[list[str]]
+    ) -> tuple[list[list[PromptDetections]], float]:
+        """The model's detections and the seconds it took: timed once this chunk has the model's turn."""
+        with self.ctx.model_turn:
+            start = time.perf_counter()
+            found = self.ctx.runtime.segment(images, prompts, self.spec.thresholds)
+            return found, time.perf_counter() - start
 
     def run_single(self, entry: LoadedImage) -> None:
         try:
@@ -210,12 +234,12 @@ class _ChunkRun:
         except Exception as exc:
             _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt)
 
-    def submit_write(self, entry: LoadedImage, detections: list[PromptDetections]) -> None:
-        job = WriteRequest(
+    def start_write(self, entry: LoadedImage, detections: list[PromptDetections]) -> None:
+        request = WriteRequest(
             self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms
         )
-        pending = _PendingWrite(entry.item, job, self.ctx.writers.submit(write_image, job))
-        pending.future.add_done_callback(pending.release_job)
+        pending = _PendingWrite(entry.item, request, self.ctx.writers.start(write_image, request))
+        pending.future.add_done_callback(pending.release_request)
         self.writes.append(pending)
 
     def collect_writes(self) -> None:
@@ -225,12 +249,13 @@ class _ChunkRun:
             try:
                 written = _outcome_of(pending.future)
             except BrokenProcessPool:
-                assert pending.job is not None  # kept by release_job for exactly this
-                orphans.append((pending.item, pending.job))
+                assert pending.request is not None  # kept by release_request for exactly this
+                orphans.append((pending.item, pending.request))
                 continue
             self._accept_write(pending.item, written)
-        for item, job in orphans:
-            self._accept_write(item, self.ctx.writers.run_isolated(write_image, job))
+        writers = self.ctx.writers
+        for item, request in orphans:
+            self._accept_write(item, _alone(lambda: writers.run_isolated(write_image, request)))  # noqa: B023
 
     def _accept_write(self, item: WorkItem, written: WriteResult) -> None:
         if isinstance(written, StageFailure):

@@ -12,6 +12,7 @@ from sam3_batch.contracts.schemas import JobSpec
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker import metrics
+from sam3_batch.worker.decode import limit_pillow_pixels
 from sam3_batch.worker.pipeline import ChunkContext, SegmentationRuntime
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def init_worker_context(settings: Settings, runtime: SegmentationRuntime | None 
     global _context
     with _lock:
         if _context is None:
+            limit_pillow_pixels(settings.max_image_pixels)  # this process decodes when loaders are threads
             storage = Storage(settings)
             store = RedisJobStore(settings.state_redis_url())
             runtime = runtime or load_runtime(settings)

@@ -16,6 +16,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
 
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.model_input import PreparedImage
 from sam3_batch.worker.sam3_adapter import (
     UPSAMPLE_PIXEL_BUDGET,
     as_text_embeds,
@@ -36,14 +37,6 @@ AUTO_BATCH_LIMIT = 64  # past this a GPU is saturated; bigger batches only add l
 AUTO_BATCH_PROMPTS = 4  # prompts per image the probe assumes; jobs with more rely on the OOM split
 # Fraction of free GPU memory the batch may plan on: the rest absorbs allocator fragmentation.
 AUTO_BATCH_MEMORY_SHARE = 0.85
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    """One image after the processor's resize + normalize, ready to stack into a batch."""
-
-    pixel_values: torch.Tensor  # (C, H, W) at the model's input size
-    original_size_hw: tuple[int, int]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 from sam3_batch.contracts.keys import OutputLayout
@@ -19,6 +18,7 @@ from sam3_batch.contracts.schemas import (
     WorkItem,
 )
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.decode import RgbPixels, rgb_pixels
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.encode import (
     box_xyxy_to_xywh,
@@ -34,13 +34,16 @@ _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg"}
 
 @dataclass(frozen=True)
 class WriteRequest:
-    """Everything needed to write one image's results (picklable: it may go to a writer process)."""
+    """Everything needed to write one image's results (picklable: it may go to a writer process).
+
+    Its arrays (masks, pixels) are numpy; ``worker.shared_arrays`` hands them to a writer process in shared memory.
+    """
 
     spec: JobSpec
     chunk_id: str
     item: WorkItem
     size_wh: tuple[int, int]
-    rgb: torch.Tensor | None  # (H, W, 3) uint8: the image, needed only for the masked-image output
+    rgb: RgbPixels | None  # (H, W, 3) uint8: the image, needed only for the masked-image output
     detections: list[PromptDetections]
     timings_ms: dict[str, float]
 
@@ -54,9 +57,9 @@ class WriteRequest:
                    timings_ms)
 
 
-def pixels_for_writer(spec: JobSpec, image: Image.Image) -> torch.Tensor | None:
-    """The image's RGB pixels as an (H, W, 3) uint8 tensor if the job writes masked images, else None."""
-    return torch.from_numpy(np.array(image)) if spec.outputs.masked_image else None
+def pixels_for_writer(spec: JobSpec, image: Image.Image) -> RgbPixels | None:
+    """The image's RGB pixels if the job writes masked images, else None."""
+    return rgb_pixels(image) if spec.outputs.masked_image else None
 
 
 def _annotations(request: WriteRequest, layout: OutputLayout) -> list[Annotation]:
@@ -93,7 +96,7 @@ def _write_masked_image(request: WriteRequest, layout: OutputLayout, storage: St
     stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
     fmt = request.spec.outputs.output_format
     uri = layout.masked_image_uri(fmt)
-    image = Image.fromarray(request.rgb.numpy())
+    image = Image.fromarray(request.rgb)
     storage.write_bytes(uri, encode_masked_image(image, union_of(stacked), fmt), _CONTENT_TYPES[fmt])
     return uri
 
