@@ -40,7 +40,7 @@ class JobStore(Protocol):
     def spec(self, job_id: str) -> JobSpec: ...
     def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool: ...
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], model_seconds: float
     ) -> bool: ...
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool: ...
     def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool: ...
@@ -78,7 +78,7 @@ if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], 'done', ARGV[2])
 redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'instances', ARGV[4])
-redis.call('HINCRBYFLOAT', KEYS[2], 'gpu_seconds', ARGV[5])
+redis.call('HINCRBYFLOAT', KEYS[2], 'model_seconds', ARGV[5])
 redis.call('HSET', KEYS[2], 'last_update', ARGV[6])
 for i = 7, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 return 1
@@ -163,7 +163,7 @@ class RedisJobStore:
         return bool(self._register(keys=keys, args=[*args, *failures]))
 
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], model_seconds: float
     ) -> bool:
         done = sum(1 for o in outcomes if o.status == "done")
         failures = [
@@ -173,7 +173,7 @@ class RedisJobStore:
         ]
         instances = sum(o.instances for o in outcomes)
         keys = [job_key(job_id, "recorded"), job_key(job_id, "counters"), job_key(job_id, "failures")]
-        args: list[Any] = [chunk_id, done, len(failures), instances, f"{gpu_seconds:.6f}", time.time()]
+        args: list[Any] = [chunk_id, done, len(failures), instances, f"{model_seconds:.6f}", time.time()]
         return bool(self._record(keys=keys, args=[*args, *failures]))
 
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool:
@@ -201,9 +201,9 @@ class RedisJobStore:
         )
 
     def stats(self, job_id: str) -> dict[str, float]:
-        """Numeric extras: started_at, last_update, gpu_seconds, instances."""
+        """Numeric extras: started_at, last_update, model_seconds, instances."""
         values = self._counter_hash(job_id)
-        keys = ("started_at", "last_update", "gpu_seconds", "instances")
+        keys = ("started_at", "last_update", "model_seconds", "instances")
         return {k: float(values[k]) for k in keys if k in values}
 
     def failures(self, job_id: str, limit: int | None = None) -> list[Failure]:

@@ -61,7 +61,7 @@ class MemoryJobStore:
             return True
 
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], model_seconds: float
     ) -> bool:
         with self._lock:
             job = self._job(job_id)
@@ -76,7 +76,7 @@ class MemoryJobStore:
                         Failure(uri=outcome.uri, reason=reason, chunk_id=chunk_id, out_key=outcome.out_key)
                     )
             job.stats["instances"] = job.stats.get("instances", 0.0) + sum(o.instances for o in outcomes)
-            job.stats["gpu_seconds"] = job.stats.get("gpu_seconds", 0.0) + gpu_seconds
+            job.stats["model_seconds"] = job.stats.get("model_seconds", 0.0) + model_seconds
             job.stats["last_update"] = time.time()
             return True
 

@@ -18,7 +18,7 @@ def report_uri(output_root: str, job_id: str) -> str:
 
 
 def build_report(store: JobStore, job_id: str) -> JobReport:
-    """A snapshot of the job: counts, failures with reasons, throughput, model, GPU-seconds."""
+    """A snapshot of the job: counts, failures with reasons, throughput, model, model-seconds."""
     spec = store.spec(job_id)
     counters = store.counters(job_id)
     stats = store.stats(job_id)
@@ -32,7 +32,7 @@ def build_report(store: JobStore, job_id: str) -> JobReport:
         prompts=list(spec.prompts), output_root=spec.output_root, source=spec.source,
         started_at=started, finished_at=finished, wall_seconds=wall,
         images_per_second=(counters.done + counters.failed) / wall,
-        gpu_seconds=stats.get("gpu_seconds", 0.0),
+        model_seconds=stats.get("model_seconds", 0.0), gpu_seconds=stats.get("model_seconds", 0.0),
         failures=store.failures(job_id, limit=REPORT_FAILURE_LIMIT),
     )
 
