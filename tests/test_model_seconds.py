@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
@@ -70,7 +71,7 @@ def test_two_chunks_in_flight_take_turns_on_the_model_and_count_only_their_own_m
 
     spans = sorted((start, end) for _, start, end in runtime.calls)
     assert len(spans) == CHUNKS * IMAGES_PER_CHUNK and len(results) == CHUNKS
-    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:], strict=False))
+    assert all(end <= next_start for (_, end), (next_start, _) in pairwise(spans))
     shortest = min(end - start for start, end in spans)
     for thread, result in results.items():
         own = sum(end - start for name, start, end in runtime.calls if name == thread)
