@@ -76,7 +76,7 @@ class ChunkContext:
             settings = settings.model_copy(update={"batch_size": _automatic_batch_size(runtime)})
         preparer = runtime.preparer
         # The stage processes import the steps and the preparer's module once, in the forkserver.
-        preload = ("sam3_batch.worker.io_stages", getattr(preparer, "__module__", "") or "")
+        preload = [name for name in ("sam3_batch.worker.io_stages", getattr(preparer, "__module__", None)) if name]
         mode, workers = settings.io_mode, settings.io_workers
         return cls(
             runtime=runtime, storage=storage, settings=settings,
@@ -102,7 +102,7 @@ class ChunkResult:
     outcomes: list[ItemOutcome] = field(default_factory=list)
     retry_later: list[ItemOutcome] = field(default_factory=list)
     metadata: list[ImageMetadata] = field(default_factory=list)  # every done image's, for the index
-    model_seconds: float = 0.0
+    model_seconds: float = 0.0  # the model's time on this chunk's batches (while it had the model's turn)
 
 
 def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool) -> None:
