@@ -560,10 +560,10 @@ def naive_section(figures: Figures) -> str:
 def stall_section(figures: Figures) -> str:
     rows = []
     for run in figures.runs:
-        # The model stage's share of the wall time; with two chunks in flight it also counts lock waits.
+        # The model stage's share of the wall time (timed only while a batch has the model, in every pool).
         busy = run.stage_ms.get("model", 0.0) * run.images / 1000.0 / run.wall_s
         rows.append((run.io_mode, f"{run.pool} x{run.concurrency}", str(run.chunk_size), f"{run.images_per_s:.2f}",
-                     f"{busy:.0%}" if run.concurrency == 1 else "n/a",
+                     f"{busy:.0%}",
                      f"{run.ceiling.bare:.2f}", f"{run.efficiency:.2f}",
                      f"{run.images_per_s / run.ceiling.segment:.2f}",
                      " / ".join(f"{run.cpu_ms[name]:.0f}" for name in ("worker", "moto", "bench")),
@@ -573,8 +573,8 @@ def stall_section(figures: Figures) -> str:
               "worker peak RSS MiB", "stage processes PSS MiB")
     return ("## 3. Chunk boundaries and I/O placement: efficiency by chunk size, pool and io mode\n"
             + table(header, rows)
-            + "\n\nworker model stage, ms per image (solo pool: the model's own time; threads pool: includes "
-              "waiting for the other chunk's batch): "
+            + "\n\nworker model stage, ms per image (the model's own time; a chunk waiting for the other's "
+              "batch does not count): "
             + ", ".join(f"{r.io_mode} {r.pool} x{r.concurrency} c{r.chunk_size} {r.stage_ms.get('model', 0.0):.0f}"
                         for r in figures.runs))
 
