@@ -119,7 +119,7 @@ class StagePool(Generic[C]):
         self._pids, self._pid_reports = set(), context.SimpleQueue()
         return ProcessPoolExecutor(
             self.workers, mp_context=context, initializer=_init_process,
-            initargs=(self._setup, os.getpid(), self._pid_reports),
+            initargs=(self._setup, os.getpid(), self._pid_reports, dict(os.environ)),
         )
 
 
@@ -138,9 +138,14 @@ def _call_in_process(fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[s
     return fn(_process_resources, *args, **kwargs)
 
 
-def _init_process(setup: StageSetup[Any], worker_pid: int, pid_reports: SimpleQueue[int]) -> None:
+def _init_process(
+    setup: StageSetup[Any], worker_pid: int, pid_reports: SimpleQueue[int], environment: dict[str, str]
+) -> None:
     """Once in each stage process: quiet signals, a watch on the worker, a lower priority, the steps' resources."""
     global _process_resources
+    # The worker's environment as it is now (credentials, endpoints), not the forkserver's from when it started.
+    os.environ.clear()
+    os.environ.update(environment)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(worker_pid,), name="sam3-watch-worker", daemon=True).start()
