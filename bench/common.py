@@ -27,7 +27,9 @@ from bench.redis_probe import PrivateRedis
 from sam3_batch.contracts.queue import make_celery
 from sam3_batch.contracts.settings import ENV_PREFIX, Settings
 from sam3_batch.seaweedfs import SeaweedFS
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.model_input import PreparedImage
+from sam3_batch.worker.runtime import Sam3Runtime
+from sam3_batch.worker.sam3_adapter import as_text_embeds
 from sam3_batch.worker.tiny_model import TRACKER_SUBDIR, build_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -280,12 +282,24 @@ def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start:start + size]
 
 
+def bare_forward(runtime: Sam3Runtime, images: list[PreparedImage], prompt: str) -> None:
+    """The model forward alone on prepared images (no post-processing), as ``Sam3Runtime`` feeds it
+    (stacked pixels, cached text features, host-to-device copy included): the throughput ceiling."""
+    with torch.inference_mode(), runtime.precision.compute(runtime.device):
+        features, attention_mask = runtime._text_rows([prompt] * len(images))
+        runtime.model(
+            pixel_values=runtime._stack(images), text_embeds=as_text_embeds(features), attention_mask=attention_mask
+        )
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize(runtime.device)
+
+
 def bare_images_per_s(runtime: Sam3Runtime, prepared: list[PreparedImage], batch_size: int, prompt: str) -> float:
     """The model forward alone on pre-decoded tensors, after one warm-up batch: the ceiling."""
-    runtime.bare_forward(prepared[:batch_size], prompt)
+    bare_forward(runtime, prepared[:batch_size], prompt)
     start = time.perf_counter()
     for batch in batches(prepared, batch_size):
-        runtime.bare_forward(batch, prompt)
+        bare_forward(runtime, batch, prompt)
     return len(prepared) / (time.perf_counter() - start)
 
 

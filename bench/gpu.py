@@ -9,7 +9,7 @@ Random weights cost the same compute as the real ones (same shapes, same kernels
 are what ``facebook/sam3`` gives; only the masks are meaningless. Their scores all fall near 0.2-0.3, so
 end to end runs at score threshold 0 by default: every query is kept, upsampled and encoded, which is
 the mask work of a crowded real image; instances per image are printed to show it. Prints, in one run:
-  - the bare forward on pre-decoded, pre-resized tensors (``Sam3Runtime.bare_forward``, host-to-device
+  - the bare forward on pre-decoded, pre-resized tensors (``bench.common.bare_forward``, host-to-device
     copy included): images/s, ms/image and peak GPU memory (``torch.cuda.max_memory_allocated``) by
     dtype and batch size, and the batch size ``Sam3Runtime.suggest_batch_size`` picks from free memory;
   - each dtype's detections against float32's (scores, presence, boxes, mask pixels) on the same photos;
@@ -37,14 +37,15 @@ import torch
 from transformers import AutoModel, Sam3Config, Sam3Processor
 from transformers.models.sam3.image_processing_sam3 import Sam3ImageProcessor
 
-from bench.common import batches, machine_line, parse_size, photo, table
+from bench.common import bare_forward, batches, machine_line, parse_size, photo, table
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.compile_toolchain import require_compile_toolchain
+from sam3_batch.worker.model_input import PreparedImage
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.precision import keep_heads_in_float32, resolve_precision
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.runtime import Sam3Runtime
 from sam3_batch.worker.tiny_model import build_checkpoint, build_tokenizer
 
 PROMPT = "object"
@@ -175,10 +176,10 @@ def bare_point(runtime: Sam3Runtime, images: list[PreparedImage], batch: int, mi
     _reset_peak(runtime.device)
     try:
         for _ in range(2):
-            runtime.bare_forward(rows, PROMPT)
+            bare_forward(runtime, rows, PROMPT)
         iterations, start = 0, time.perf_counter()
         while iterations < MIN_ITERATIONS or time.perf_counter() - start < min_seconds:
-            runtime.bare_forward(rows, PROMPT)
+            bare_forward(runtime, rows, PROMPT)
             iterations += 1
         elapsed = time.perf_counter() - start
     except torch.OutOfMemoryError:

@@ -9,7 +9,7 @@ import argparse
 
 from bench.noop_runtime import NoopRuntime
 from sam3_batch.contracts.settings import load_settings
-from sam3_batch.worker.state import init_worker_state
+from sam3_batch.worker.process_context import init_worker_context
 from sam3_batch.worker_cmd import start_worker
 
 
@@ -24,10 +24,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Install the no-op runtime as this process's worker state, then run the product's worker."""
+    """Install the no-op runtime as this process's worker context, then run the product's worker."""
     args = _arguments(argv)
     settings = load_settings()
-    init_worker_state(settings, runtime=NoopRuntime())  # start_worker then finds the state already built
+    init_worker_context(settings, runtime=NoopRuntime())  # start_worker then finds the context already built
     start_worker(settings, pool=args.pool, concurrency=args.concurrency, loglevel=args.loglevel,
                  hostname=args.hostname)
 

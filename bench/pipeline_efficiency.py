@@ -8,8 +8,8 @@ Everything runs on one set of JPEG photos in a SeaweedFS S3 server (its own proc
   1. pipeline efficiency: a real worker (``python -m sam3_batch worker``) and a real ``submit`` of the S3
      prefix; timed from the submit call until the job's counters say complete (listing, queueing,
      download, decode, resize, model, RLE, upload and the per-chunk bookkeeping all included). Divided
-     by the bare model's images/s on pre-decoded tensors at the same batch size (``Sam3Runtime.
-     bare_forward``), measured in this process before and after the worker runs.
+     by the bare model's images/s on pre-decoded tensors at the same batch size
+     (``bench.common.bare_forward``), measured in this process before and after the worker runs.
   2. the naive loop: the same images one at a time in this process (download, decode, prepare, segment
      a batch of one, write), as a user of a per-image API would: speed-up of the pipeline over it.
   3. (chunk boundaries, I/O placement) the same job at several chunk sizes, with the solo pool (one chunk
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import numpy as np
 import torch
 from PIL import Image
 
@@ -74,11 +73,11 @@ from sam3_batch.contracts.schemas import JobSpec, OutputOptions, Thresholds, Wor
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.jobs import JobRequest, submit
-from sam3_batch.worker.decode import decode_image
+from sam3_batch.worker.decode import decode_image, rgb_pixels
 from sam3_batch.worker.encode import encode_masked_image, encode_png_mask, union_of
-from sam3_batch.worker.io_stages import Preparer
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
-from sam3_batch.worker.writer import ImageJob, build_metadata, write_image_outputs
+from sam3_batch.worker.model_input import PreparedImage, Preparer
+from sam3_batch.worker.runtime import Sam3Runtime
+from sam3_batch.worker.writer import WriteRequest, build_metadata, write_image_outputs
 
 BUCKET = "bench"
 QUEUE = "sam3-pipeline-bench"
@@ -260,7 +259,7 @@ def measure_ceiling(runtime: Sam3Runtime, prepared: list[PreparedImage], config:
 
 
 def naive_loop(runtime: Sam3Runtime, settings: Settings, uris: list[str], config: Config,
-               keep: list[ImageJob], ceiling: Ceiling) -> NaiveFigures:
+               keep: list[WriteRequest], ceiling: Ceiling) -> NaiveFigures:
     """One image at a time, each stage waiting for the last: what a per-image API loop does."""
     spec = JobSpec(job_id="naive", prompts=[PROMPT], thresholds=thresholds(config),
                    output_root=f"s3://{BUCKET}/out-naive/")
@@ -278,11 +277,11 @@ def naive_loop(runtime: Sam3Runtime, settings: Settings, uris: list[str], config
         [detections] = runtime.segment([prepared], [[PROMPT]], spec.thresholds)
         mark = _lap(stage_s, "model", mark)
         item = WorkItem(uri=uri, out_key=uri.rsplit("/", 1)[-1])
-        job = ImageJob.of_image(spec, "naive", item, image, detections, {})
+        job = WriteRequest.of_image(spec, "naive", item, image, detections, {})
         write_image_outputs(job, storage)
         _lap(stage_s, "encode_upload", mark)
         if len(keep) < ENCODING_SAMPLE:  # with the pixels, for the masked-image encoding cost
-            keep.append(replace(job, rgb=torch.from_numpy(np.array(image))))
+            keep.append(replace(job, rgb=rgb_pixels(image)))
     wall = time.perf_counter() - start
     return NaiveFigures(len(uris), wall, {s: 1000.0 * v / len(uris) for s, v in stage_s.items()}, ceiling)
 
@@ -293,7 +292,7 @@ def _lap(stage_s: dict[str, float], stage: str, mark: float) -> float:
     return now
 
 
-def encoding_costs(jobs: list[ImageJob], storage: Storage) -> EncodingFigures:
+def encoding_costs(jobs: list[WriteRequest], storage: Storage) -> EncodingFigures:
     """Per image: the metadata document (RLE of every mask + JSON), PNG of every mask, the masked image,
     and their uploads, each step timed on its own."""
     totals = dict.fromkeys(("metadata", "upload_metadata", "png", "upload_png", "masked_png"), 0.0)
@@ -313,7 +312,7 @@ def encoding_costs(jobs: list[ImageJob], storage: Storage) -> EncodingFigures:
             storage.write_bytes(layout.mask_png_uri(0, index), data, "image/png")
         mark = _lap(totals, "upload_png", mark)
         assert job.rgb is not None
-        image = Image.fromarray(job.rgb.numpy())
+        image = Image.fromarray(job.rgb)
         for m in stacked:
             encode_masked_image(image, union_of(m), "png")
         _lap(totals, "masked_png", mark)
@@ -323,7 +322,7 @@ def encoding_costs(jobs: list[ImageJob], storage: Storage) -> EncodingFigures:
 # -------------------------------------------------------------------------------- GIL contention
 
 
-def _io_loop(settings: Settings, preparer: Preparer, uris: list[str], job: ImageJob,
+def _io_loop(settings: Settings, preparer: Preparer, uris: list[str], job: WriteRequest,
              keep_going: Callable[[], bool], count: Callable[[], None]) -> None:
     """The worker's per-image I/O, flat out: download, decode, prepare, then write the outputs."""
     storage, index = Storage(settings), 0
@@ -338,7 +337,7 @@ def _io_loop(settings: Settings, preparer: Preparer, uris: list[str], job: Image
 
 def _in_process(settings: Settings, preparer: Preparer, uris: list[str], job_pickle: bytes,
                 stop: Any, done: Any) -> None:
-    job: ImageJob = pickle.loads(job_pickle)
+    job: WriteRequest = pickle.loads(job_pickle)
     def count() -> None:
         with done.get_lock():
             done.value += 1
@@ -348,7 +347,7 @@ def _in_process(settings: Settings, preparer: Preparer, uris: list[str], job_pic
 
 
 def contention(runtime: Sam3Runtime, sample: list[PreparedImage], settings: Settings, uris: list[str],
-               job: ImageJob, config: Config) -> ContentionFigures:
+               job: WriteRequest, config: Config) -> ContentionFigures:
     """The same I/O work beside the model in a thread (sharing its GIL) and in a process (not sharing it)."""
     alone = bare_images_per_s(runtime, sample, config.batch_size, PROMPT)
     stop, done = threading.Event(), [0]
@@ -364,7 +363,7 @@ def contention(runtime: Sam3Runtime, sample: list[PreparedImage], settings: Sett
     server = multiprocessing.get_context("forkserver")
     process_stop, process_done = server.Event(), server.Value("i", 0)
     child = server.Process(target=_in_process,
-                           # plain pickle: torch cannot hand shared-memory tensors to a process being started
+                           # plain pickle: shared-memory arrays cannot be handed to a process being started
                            args=(settings, runtime.preparer, uris, pickle.dumps(job), process_stop, process_done))
     child.start()
     wait_for(lambda: process_done.value > 0, 120, "the I/O process to get going")  # past its start-up
@@ -469,7 +468,7 @@ def measure(config: Config, checkpoint: Path, redis_url: str, s3: Service) -> Fi
     sample = prepared[: min(len(prepared), CEILING_SAMPLE)]
     figures = Figures(machine_line(), _config_dict(config), measure_ceiling(runtime, prepared, config))
     print(f"bare model: {figures.ceiling.bare:.2f} images/s at batch {config.batch_size}", flush=True)
-    kept: list[ImageJob] = []
+    kept: list[WriteRequest] = []
     naive_ceiling = measure_ceiling(runtime, sample, config)
     figures.naive = naive_loop(runtime, settings, uris[: config.naive_images], config, kept, naive_ceiling)
     print(f"naive loop: {figures.naive.images_per_s:.2f} images/s", flush=True)
@@ -561,10 +560,10 @@ def naive_section(figures: Figures) -> str:
 def stall_section(figures: Figures) -> str:
     rows = []
     for run in figures.runs:
-        # The model stage's share of the wall time; with two chunks in flight it also counts lock waits.
+        # The model stage's share of the wall time (timed only while a batch has the model, in every pool).
         busy = run.stage_ms.get("model", 0.0) * run.images / 1000.0 / run.wall_s
         rows.append((run.io_mode, f"{run.pool} x{run.concurrency}", str(run.chunk_size), f"{run.images_per_s:.2f}",
-                     f"{busy:.0%}" if run.concurrency == 1 else "n/a",
+                     f"{busy:.0%}",
                      f"{run.ceiling.bare:.2f}", f"{run.efficiency:.2f}",
                      f"{run.images_per_s / run.ceiling.segment:.2f}",
                      " / ".join(f"{run.cpu_ms[name]:.0f}" for name in ("worker", "s3", "bench")),
@@ -574,8 +573,8 @@ def stall_section(figures: Figures) -> str:
               "worker peak RSS MiB", "stage processes PSS MiB")
     return ("## 3. Chunk boundaries and I/O placement: efficiency by chunk size, pool and io mode\n"
             + table(header, rows)
-            + "\n\nworker model stage, ms per image (solo pool: the model's own time; threads pool: includes "
-              "waiting for the other chunk's batch): "
+            + "\n\nworker model stage, ms per image (the model's own time; a chunk waiting for the other's "
+              "batch does not count): "
             + ", ".join(f"{r.io_mode} {r.pool} x{r.concurrency} c{r.chunk_size} {r.stage_ms.get('model', 0.0):.0f}"
                         for r in figures.runs))
 

@@ -37,7 +37,8 @@ from bench.common import (
 )
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.encode import encode_rle_batch
-from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
+from sam3_batch.worker.model_input import PreparedImage
+from sam3_batch.worker.runtime import Sam3Runtime
 
 WORDS = ("person", "car", "dog", "tree", "building", "sky", "road", "bicycle", "cat", "bird", "chair",
          "table", "bottle", "window", "door", "plant", "boat", "sign", "book", "phone")

@@ -25,7 +25,6 @@ class CeleryDispatcher:
 
     def __init__(self, app: Celery, queue: str, backpressure: Backpressure) -> None:
         self.app, self.queue, self.backpressure = app, queue, backpressure
-        self.sent = 0
 
     def wait_for_room(self, should_stop: Callable[[], bool]) -> None:
         self.backpressure.wait_for_room(should_stop)
@@ -39,4 +38,3 @@ class CeleryDispatcher:
             argsrepr=f"[chunk {chunk.chunk_id}: {len(chunk.items)} images]",
             retry_policy={"max_retries": 30, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0},
         )
-        self.sent += 1

@@ -157,7 +157,6 @@ class InventorySource:
                  extensions: frozenset[str] = IMAGE_EXTENSIONS) -> None:
         self.storage, self.manifest_uri, self.extensions = storage, manifest_uri, extensions
         self._prefix_bucket, self.prefix = _split_prefix(prefix)
-        self.description = f"S3 inventory {manifest_uri}" + (f" under {prefix}" if prefix else "")
 
     def manifest(self) -> InventoryManifest:
         """The parsed manifest (read on every call: a resumed producer sees the same file)."""

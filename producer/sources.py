@@ -19,7 +19,6 @@ from sam3_batch.contracts.keys import IMAGE_EXTENSIONS, key_from_uri, safe_relat
 from sam3_batch.contracts.layout import JOB_DIR
 from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.contracts.storage.local import local_path
 
 _POSITION_WIDTH = 12
 
@@ -50,8 +49,6 @@ SourceEntry = SourceItem | SourceProblem
 
 class Source(Protocol):
     """Streams entries after a position (exclusive); positions sort in listing order."""
-
-    description: str
 
     def entries(self, start_after: str | None) -> Iterator[SourceEntry]: ...
 
@@ -100,7 +97,6 @@ class PrefixSource:
     def __init__(self, storage: Storage, prefix_uri: str, extensions: frozenset[str] = IMAGE_EXTENSIONS,
                  exclude_root: str | None = None):
         self.storage, self.prefix_uri, self.extensions = storage, prefix_uri, extensions
-        self.description = prefix_uri
         self._output_at = _within(exclude_root, prefix_uri) if exclude_root else None
 
     def _is_output(self, relative_key: str) -> bool:
@@ -173,7 +169,6 @@ class ManifestSource:
 
     def __init__(self, storage: Storage, manifest_uri: str) -> None:
         self.storage, self.manifest_uri = storage, manifest_uri
-        self.description = f"manifest {manifest_uri}"
 
     def _records(self) -> Iterator[tuple[int, object]]:
         text = self.storage.read_bytes(self.manifest_uri).decode("utf-8-sig", errors="replace")
@@ -206,7 +201,6 @@ class UrlSource:
 
     def __init__(self, urls: list[str]) -> None:
         self.urls = urls
-        self.description = f"{len(urls)} URL(s)"
 
     def entries(self, start_after: str | None) -> Iterator[SourceEntry]:
         for index, url in enumerate(self.urls):
@@ -217,50 +211,3 @@ class UrlSource:
                 yield SourceItem(uri=url, out_key=key_from_uri(url), position=position)
             except BadUriError as exc:
                 yield SourceProblem(url, str(exc), position)
-
-
-def open_source(storage: Storage, inputs: list[str], manifest: str | None = None,
-                exclude_root: str | None = None) -> Source:
-    """Choose the source from what the user gave: a manifest, http(s) URLs, or one prefix/folder.
-
-    An S3 Inventory ``manifest.json`` (given as ``--manifest`` or as the only input) is read with
-    ``InventorySource``; with ``--manifest``, one input names the prefix to take from the inventory.
-    ``exclude_root`` (the job's output root) is never listed as input.
-    """
-    from sam3_batch.producer.inventory import InventorySource, is_inventory_manifest  # it imports this module
-
-    if manifest and is_inventory_manifest(manifest):
-        if len(inputs) > 1:
-            raise BadUriError("with an S3 Inventory manifest, give at most one prefix to take from it")
-        return InventorySource(storage, manifest, prefix=inputs[0] if inputs else "")
-    if len(inputs) == 1 and not manifest and is_inventory_manifest(inputs[0]):
-        return InventorySource(storage, inputs[0])
-    if manifest:
-        return ManifestSource(storage, manifest)
-    if inputs and all(i.startswith(("http://", "https://")) for i in inputs):
-        for url in inputs:  # a URL typed on the command line is checked now, not after the model loads
-            key_from_uri(url)
-        return UrlSource(inputs)
-    if len(inputs) != 1:
-        raise BadUriError("give one S3 prefix or folder, or http(s) URLs, or --manifest FILE")
-    source = inputs[0]
-    scheme = source.split("://", 1)[0] if "://" in source else ""
-    if scheme not in ("", "s3", "file"):
-        raise BadUriError(f"unsupported input scheme {scheme!r}: use s3://, file://, a path or http(s) URLs")
-    if scheme != "s3":
-        _check_local_input(source)
-    return PrefixSource(storage, source, exclude_root=exclude_root)
-
-
-def _check_local_input(source: str) -> None:
-    """A local input is an existing folder or one image file; anything else is an error, not an empty job."""
-    path = local_path(source)
-    if path.is_dir():
-        return
-    if not path.exists():
-        raise BadUriError(f"input {display_uri(source)} does not exist")
-    if not path.is_file():
-        raise BadUriError(f"input {display_uri(source)} is not a folder or a regular file")
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise BadUriError(f"input {display_uri(source)} is a file without an image extension "
-                          f"({', '.join(sorted(IMAGE_EXTENSIONS))}); use --manifest for a list of images")

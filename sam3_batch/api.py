@@ -32,7 +32,7 @@ class Segmenter:
         from sam3_batch.extras import require_worker_extra
 
         require_worker_extra()  # one readable error, not an ImportError, without the GPU stack
-        from sam3_batch.worker.state import load_runtime
+        from sam3_batch.worker.process_context import load_runtime
 
         base = settings or Settings()
         self.settings = base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -71,13 +71,13 @@ class Segmenter:
 
     def _run_batch(self, spec: JobSpec, batch: list[tuple[WorkItem, Image.Image]]) -> list[Result]:
         from sam3_batch.contracts.layout import OutputLayout
-        from sam3_batch.worker.writer import ImageJob, build_metadata
+        from sam3_batch.worker.writer import WriteRequest, build_metadata
 
         prepared = [self.runtime.preparer(image) for _, image in batch]
         found = self.runtime.segment(prepared, [list(spec.prompts)] * len(batch), spec.thresholds)
         results = []
         for (item, image), detections in zip(batch, found, strict=True):
-            job = ImageJob(spec, API_JOB_ID, item, (image.width, image.height), None, detections, {})
+            job = WriteRequest(spec, API_JOB_ID, item, (image.width, image.height), None, detections, {})
             metadata = build_metadata(job, OutputLayout(spec.output_root, item.out_key), None)
             results.append(Result(metadata, item.out_key))
         return results

@@ -64,6 +64,8 @@ def _global_options(debug: Annotated[bool, typer.Option(
 def _out(text: str) -> None:
     """A result line on stdout (ids, failures, URIs): whole, unwrapped, flushed, user data as plain text."""
     progress.write_line(sys.stdout, printable(text))
+# run and submit take the job options with the defaults the job spec has: written once, in the schemas.
+SPEC_THRESHOLDS, SPEC_OUTPUTS = Thresholds(), OutputOptions()
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -104,10 +106,11 @@ def _request(inputs: list[str] | None, prompts: list[str], out_root: str, manife
 @app.command()
 def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks",  # noqa: B006
         manifest: Manifest = None, model: Model = None, revision: Revision = None,
-        threshold: Threshold = 0.3, mask_threshold: MaskThreshold = 0.5, png_masks: PngMasks = False,
-        masked: Masked = False, output_format: OutputFormat = "png", batch_size: BatchSize = None,
+        threshold: Threshold = SPEC_THRESHOLDS.score, mask_threshold: MaskThreshold = SPEC_THRESHOLDS.mask,
+        png_masks: PngMasks = SPEC_OUTPUTS.png_masks, masked: Masked = SPEC_OUTPUTS.masked_image,
+        output_format: OutputFormat = SPEC_OUTPUTS.output_format, batch_size: BatchSize = None,
         chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, device: Device = None,
-        dtype: Dtype = None, masked_style: MaskedStyle = "cutout") -> None:
+        dtype: Dtype = None, masked_style: MaskedStyle = SPEC_OUTPUTS.masked_style) -> None:
     """Segment a folder (or any source) in this process: no Redis, no S3 needed."""
     if not (prompt or manifest):
         raise RequestError("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
@@ -132,10 +135,11 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
 
 @app.command()
 def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # noqa: B006
-           manifest: Manifest = None, threshold: Threshold = 0.3, mask_threshold: MaskThreshold = 0.5,
-           png_masks: PngMasks = False, masked: Masked = False, output_format: OutputFormat = "png",
+           manifest: Manifest = None, threshold: Threshold = SPEC_THRESHOLDS.score,
+           mask_threshold: MaskThreshold = SPEC_THRESHOLDS.mask, png_masks: PngMasks = SPEC_OUTPUTS.png_masks,
+           masked: Masked = SPEC_OUTPUTS.masked_image, output_format: OutputFormat = SPEC_OUTPUTS.output_format,
            chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, model: Model = None,
-           revision: Revision = None, masked_style: MaskedStyle = "cutout",
+           revision: Revision = None, masked_style: MaskedStyle = SPEC_OUTPUTS.masked_style,
            resume: Annotated[str | None, typer.Option(help="Resume this job id.")] = None,
            wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
            dry_run: Annotated[bool, typer.Option(help="List and plan only: counts, bytes, chunks, GPU-hours.")

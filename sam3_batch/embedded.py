@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sam3_batch.contracts.jobstate import JobStore
-from sam3_batch.contracts.lake import write_chunk_part
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec
+from sam3_batch.worker.chunk_record import record_chunk
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 
 
@@ -21,5 +21,4 @@ class InlineDispatcher:
 
     def send(self, chunk: ChunkMessage) -> None:
         result = process_chunk(chunk, self.spec, self.context)
-        write_chunk_part(self.context.storage, self.spec, chunk.chunk_id, result.outcomes, result.metadata)
-        self.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds)
+        record_chunk(self.store, self.context.storage, self.spec, chunk, result)

@@ -23,9 +23,10 @@ from sam3_batch.extras import require_worker_extra
 from sam3_batch.producer.backpressure import Backpressure, QueueDepth
 from sam3_batch.producer.dispatch import CeleryDispatcher
 from sam3_batch.producer.done_index import DoneIndex
+from sam3_batch.producer.feed import ProducerSummary, new_job_id, run_producer
+from sam3_batch.producer.inputs import open_source
 from sam3_batch.producer.planner import plan_chunks
-from sam3_batch.producer.sources import Source, SourceEntry, SourceItem, open_source
-from sam3_batch.producer.submit import ProducerSummary, new_job_id, run_producer
+from sam3_batch.producer.sources import Source, SourceEntry, SourceItem
 from sam3_batch.request_checks import check_model_path, check_output_root
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,13 @@ def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     """Segment everything in one process (same worker code) and write the job report."""
     require_worker_extra()  # before the imports below: one readable line, not an ImportError
     from sam3_batch.embedded import InlineDispatcher
+    from sam3_batch.worker.decode import limit_pillow_pixels
     from sam3_batch.worker.pipeline import ChunkContext
-    from sam3_batch.worker.state import load_runtime, warm_up_compiled
+    from sam3_batch.worker.process_context import load_runtime, warm_up_compiled
 
     spec = validate_request(request, settings)
     check_model_path(settings.model)
+    limit_pillow_pixels(settings.max_image_pixels)  # this process decodes when loaders are threads
     storage = Storage(settings)
     source = open_source(storage, request.inputs, request.manifest, exclude_root=request.output_root)
     context = ChunkContext.create(load_runtime(settings), storage, settings)
@@ -248,8 +251,8 @@ def _last_job_seconds_per_image(settings: Settings) -> tuple[float | None, str]:
         store = RedisJobStore(settings.state_redis_url(), retries=0)
         for job_id in store.job_ids():
             counters, stats = store.counters(job_id), store.stats(job_id)
-            if counters.complete and counters.done and stats.gpu_seconds > 0:
-                return stats.gpu_seconds / counters.done, f"job {job_id}"
+            if counters.complete and counters.done and stats.model_seconds > 0:
+                return stats.model_seconds / counters.done, f"job {job_id}"
     except redis.RedisError:
         pass  # no Redis to learn from: the plan is still worth printing
     return None, "none"

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sam3_batch.contracts.accounting import JobAccount, account_job
 from sam3_batch.contracts.jobstate import JobStore
-from sam3_batch.producer.submit import ProducerSummary
+from sam3_batch.producer.feed import ProducerSummary
 
 EXIT_OK, EXIT_TOO_MANY_FAILED, EXIT_NOT_COMPLETED = 0, 2, 3
 

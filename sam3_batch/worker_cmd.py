@@ -22,7 +22,7 @@ from sam3_batch.worker import health, metrics
 from sam3_batch.worker.celery_app import configure_app
 from sam3_batch.worker.liveness import Liveness
 from sam3_batch.worker.pipeline import SegmentationRuntime
-from sam3_batch.worker.state import init_worker_state
+from sam3_batch.worker.process_context import init_worker_context
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def warm_up(runtime: SegmentationRuntime) -> None:
 
 def _load_and_warm(settings: Settings) -> WorkerEntry:
     """Load the model, warm it, report ready; returns this worker's registry entry (its model)."""
-    state = init_worker_state(settings)
-    runtime = state.chunk_context.runtime
+    context = init_worker_context(settings)
+    runtime = context.chunk_context.runtime
     warm_up(runtime)
     health.HEALTH.set_ready()
     log.info("model warm: worker ready")
@@ -59,7 +59,7 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
         # The probes are served by the parent, which sees no child's model: it reports ready at once.
-        worker_process_init.connect(lambda **_: init_worker_state(settings), weak=False)
+        worker_process_init.connect(lambda **_: init_worker_context(settings), weak=False)
         health.HEALTH.set_ready()
         entry = WorkerEntry(hostname="", model_id=settings.model, revision=settings.model_revision)
     else:

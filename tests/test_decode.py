@@ -12,7 +12,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from sam3_batch.contracts.errors import BadImageError
-from sam3_batch.worker.decode import ACCEPTED_FORMATS, SUPPORTED_EXTENSIONS, TRANSPARENT_BACKGROUND, decode_image
+from sam3_batch.contracts.keys import IMAGE_EXTENSIONS
+from sam3_batch.worker.decode import ACCEPTED_FORMATS, TRANSPARENT_BACKGROUND, decode_image
 from tests.fixtures.images import (
     ALPHA_HIDDEN,
     BLUE,
@@ -281,9 +282,9 @@ def test_decoding_leaves_pillow_globals_alone(image_bytes_factory: ImageBytesFac
 
 def test_supported_extensions_are_those_pillow_maps_to_accepted_formats() -> None:
     accepted = {ext for ext, fmt in Image.registered_extensions().items() if fmt in ACCEPTED_FORMATS}
-    assert accepted >= SUPPORTED_EXTENSIONS
-    assert {".jpg", ".jpeg", ".png", ".gif", ".webp"} <= SUPPORTED_EXTENSIONS
-    assert all(ext == ext.lower() and ext.startswith(".") for ext in SUPPORTED_EXTENSIONS)
+    assert accepted >= IMAGE_EXTENSIONS
+    assert {".jpg", ".jpeg", ".png", ".gif", ".webp"} <= IMAGE_EXTENSIONS
+    assert all(ext == ext.lower() and ext.startswith(".") for ext in IMAGE_EXTENSIONS)
 
 
 def test_good_images_dir_holds_decodable_images_in_nested_folders(good_images_dir: Path) -> None:
@@ -291,7 +292,7 @@ def test_good_images_dir_holds_decodable_images_in_nested_folders(good_images_di
     assert {p.relative_to(good_images_dir).as_posix() for p in files} == set(GOOD_IMAGES_DIR_FILES)
     assert max(len(p.relative_to(good_images_dir).parts) for p in files) >= 3
     for path in files:
-        assert path.suffix.lower() in SUPPORTED_EXTENSIONS
+        assert path.suffix.lower() in IMAGE_EXTENSIONS
         assert _decode(path.read_bytes()).mode == "RGB"
 
 

@@ -18,9 +18,10 @@ from sam3_batch.contracts.errors import BadUriError, ItemError
 from sam3_batch.contracts.jobstate_memory import MemoryJobStore
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.producer.feed import run_producer
+from sam3_batch.producer.inputs import open_source
 from sam3_batch.producer.inventory import InventorySource, inventory_position
-from sam3_batch.producer.sources import PrefixSource, SourceItem, SourceProblem, open_source
-from sam3_batch.producer.submit import run_producer
+from sam3_batch.producer.sources import PrefixSource, SourceItem, SourceProblem
 
 CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifiedDate, ETag"
 MANIFEST_KEY = "inventory/src/daily/2026-01-01T01-00Z/manifest.json"

@@ -16,7 +16,7 @@ from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.encode import OVERLAY_ALPHA, encode_overlay_image, overlay_colour
-from sam3_batch.worker.writer import ImageJob, write_image_outputs
+from sam3_batch.worker.writer import WriteRequest, write_image_outputs
 
 Mask = npt.NDArray[np.bool_]
 SHAPE = (40, 60)  # (H, W)
@@ -86,7 +86,7 @@ def _write(tmp_path: Path, style: str) -> Image.Image:
                          _box(40, 5, 55, 35)[None]),
     ]
     item = WorkItem(uri="in/photo.png", out_key="photo.png")
-    job = ImageJob.of_image(spec, "c0", item, image, detections, {})
+    job = WriteRequest.of_image(spec, "c0", item, image, detections, {})
     metadata = write_image_outputs(job, Storage(Settings()))
     assert metadata.masked_image == OutputLayout(str(tmp_path), "photo.png").masked_image_uri("png")
     return Image.open(metadata.masked_image)

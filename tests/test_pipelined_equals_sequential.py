@@ -20,7 +20,7 @@ from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.encode import decode_rle
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.runtime import CPU_BATCH_SIZE, Sam3Runtime
-from sam3_batch.worker.writer import ImageJob, write_image_outputs
+from sam3_batch.worker.writer import WriteRequest, write_image_outputs
 from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, scene_image
 
 PROMPTS = ["a red disc", "blue box"]
@@ -88,7 +88,7 @@ def _sequential(items: list[WorkItem], spec: JobSpec, runtime: Sam3Runtime) -> d
     for item in items:
         image = decode_image(storage.read_bytes(item.uri), max_pixels=settings.max_image_pixels)
         [detections] = runtime.segment([runtime.prepare(image)], [list(item.prompts or spec.prompts)], spec.thresholds)
-        job = ImageJob.of_image(spec, "chunk-0", item, image, detections, timings_ms={})
+        job = WriteRequest.of_image(spec, "chunk-0", item, image, detections, timings_ms={})
         found[item.uri] = write_image_outputs(job, storage)
     return found
 

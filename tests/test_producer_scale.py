@@ -21,8 +21,8 @@ from sam3_batch.contracts.schemas import ChunkMessage
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.jobs import JobRequest, build_spec, celery_dispatcher
-from sam3_batch.producer.sources import open_source
-from sam3_batch.producer.submit import ProducerSummary, run_producer
+from sam3_batch.producer.feed import ProducerSummary, run_producer
+from sam3_batch.producer.inputs import open_source
 from tests.fixtures.workers import REPO_ROOT, run_cli, settings_env, wait_for_job, wait_until
 
 ZLIB = "application/x-gzip"  # kombu's content type for zlib (task_compression = "zlib")

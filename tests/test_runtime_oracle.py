@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import Sam3Model, Sam3Processor
 
+from bench.common import bare_forward
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime
@@ -272,7 +273,7 @@ def test_a_bench_sized_checkpoint_with_the_full_models_feature_pyramid_segments_
     [[found]] = runtime.segment([runtime.prepare(image)], [["cat"]], Thresholds(score=0.0))
 
     assert found.masks.shape == (7, 300, 400)
-    runtime.bare_forward([runtime.prepare(image)] * 2, "cat")
+    bare_forward(runtime, [runtime.prepare(image)] * 2, "cat")  # the bench's ceiling runs on it too
 
 
 @pytest.mark.parametrize(

@@ -5,15 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import numpy.typing as npt
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from sam3_batch.contracts.errors import BadImageError
 
-SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-)
-
 # Pillow is only allowed to try these parsers: PSD, EPS (which runs Ghostscript), ICO, ... are refused unread.
+# Sources list the files whose extension is in contracts.keys.IMAGE_EXTENSIONS (a test checks they match).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 # Transparent pixels are composited on white, the way viewers and browsers usually show them.
@@ -45,6 +43,17 @@ _SIGNATURES = {
 
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
+RgbPixels = npt.NDArray[np.uint8]  # (H, W, 3)
+
+
+def limit_pillow_pixels(max_pixels: int) -> None:
+    """Make Pillow's own decompression-bomb check (in ``Image.open``) agree with ``decode_image``'s limit.
+
+    Pillow keeps its limit in a module global: call this once where a process that decodes starts
+    (the worker, the embedded runner, a loader process), never from a library function.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode to upright RGB: EXIF orientation applied, transparency on white, frame 0 of animations.
@@ -65,6 +74,11 @@ def normalise_image(image: Image.Image, *, max_pixels: int) -> Image.Image:
     _check_pixel_count(image.size, max_pixels)
     _load(image)
     return _to_rgb(_upright(image))
+
+
+def rgb_pixels(image: Image.Image) -> RgbPixels:
+    """The pixels of an image from ``decode_image`` (RGB) as an (H, W, 3) uint8 array of its own."""
+    return np.array(image, dtype=np.uint8)
 
 
 def _open(data: bytes) -> Image.Image:

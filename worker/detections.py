@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 
 @dataclass(frozen=True)
@@ -33,16 +31,3 @@ class PromptDetections:
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # To a writer process the masks (megabytes per image) travel as a tensor: multiprocessing then
-        # hands torch's storage over in shared memory instead of copying it through a pipe.
-        masks = torch.from_numpy(self.masks)
-        return (_rebuild, (self.prompt, self.presence_score, self.scores, self.boxes_xyxy, masks))
-
-
-def _rebuild(
-    prompt: str, presence_score: float | None, scores: npt.NDArray[np.float32],
-    boxes_xyxy: npt.NDArray[np.float32], masks: torch.Tensor,
-) -> PromptDetections:
-    return PromptDetections(prompt, presence_score, scores, boxes_xyxy, masks.numpy())

@@ -1,41 +1,61 @@
-"""The work beside the model, one image at a time: load (read, decode, prepare) and write (encode, upload).
+"""The steps beside the model, one image at a time: load (read, decode, prepare) and write (encode, upload).
 
-These functions run in the stage pools (``worker.stage_pools``): in processes of their own by default,
-so that none of this CPU work contends for the model process's GIL, or in threads of that process.
-Everything they take and return is picklable; the big arrays (prepared pixels, RGB pixels, masks) travel
-as torch tensors, which multiprocessing hands over in shared memory instead of copying through a pipe.
-They never raise for a problem with the image: they return a ``StageFailure`` that says what happened
+Each step is a module-level function whose first argument is what its stage pool set up once per worker
+(``worker.stage_pools``): the loader gets storage, the model's preparer and the pixel limit; the writer gets
+storage. Everything else arrives with the call. Arguments and results are plain picklable data (numpy
+arrays, pydantic models), so a step runs the same in a stage process or in a thread.
+Steps never raise for a problem with the image: they return a ``StageFailure`` that says what happened
 and whether trying again later may help, decided where the original exception still exists.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from PIL import Image
 
 from sam3_batch.contracts.errors import is_transient, reason_of
 from sam3_batch.contracts.layout import OutputLayout
-from sam3_batch.contracts.schemas import ImageMetadata, JobSpec, ObjectPrompt, PromptSpec, WorkItem
+from sam3_batch.contracts.schemas import ImageMetadata, ObjectPrompt, PromptSpec, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.worker.decode import decode_image
-from sam3_batch.worker.writer import ImageJob, pixels_for_writer, write_image_outputs
-
-Preparer = Callable[[Image.Image], Any]  # decoded RGB image -> what the runtime's segment() takes
+from sam3_batch.worker.decode import RgbPixels, decode_image, limit_pillow_pixels, rgb_pixels
+from sam3_batch.worker.model_input import PreparedImage, Preparer
+from sam3_batch.worker.writer import WriteRequest, write_image_outputs
 
 
 @dataclass(frozen=True)
-class StageResources:
-    """What a stage worker needs: built once per process (or once for all threads)."""
+class Loader:
+    """What the load step uses."""
 
-    settings: Settings
     storage: Storage
     preparer: Preparer
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class LoaderSetup:
+    """Builds a ``Loader`` (picklable: each loader process builds its own storage clients)."""
+
+    settings: Settings
+    preparer: Preparer
+
+    def __call__(self, own_process: bool) -> Loader:
+        if own_process:
+            torch.set_num_threads(1)  # many loader processes: each resize on one core, none competing with the model
+            limit_pillow_pixels(self.settings.max_image_pixels)
+        return Loader(Storage(self.settings), self.preparer, self.settings.max_image_pixels)
+
+
+@dataclass(frozen=True)
+class WriterSetup:
+    """Builds what the write step uses: storage (picklable: each writer process builds its own clients)."""
+
+    settings: Settings
+
+    def __call__(self, own_process: bool) -> Storage:
+        return Storage(self.settings)
 
 
 @dataclass(frozen=True)
@@ -52,17 +72,26 @@ class StageFailure:
 
 
 @dataclass(frozen=True)
+class DoneCheck:
+    """Where a retried image's metadata would be, and the job it must belong to for the image to count as done."""
+
+    output_root: str
+    job_id: str
+
+
+@dataclass(frozen=True)
 class LoadedImage:
-    """One image ready for the model, and what its writer will need of it."""
+    """One image ready for the model."""
 
     item: WorkItem
-    prepared: Any
+    prepared: PreparedImage
     size_wh: tuple[int, int]
-    rgb: torch.Tensor | None  # (H, W, 3) uint8, only when the job writes masked images
-    prompts: list[PromptSpec]
+    rgb: RgbPixels | None  # (H, W, 3) uint8, only when asked for (the job writes masked images)
     timings_ms: dict[str, float]
-    objects: list[ObjectPrompt] = field(default_factory=list)  # set by the pipeline, fitted to the image
     bytes_read: int = 0
+    # Set by the pipeline: the image's prompts (its own or the job's), then fitted to the image.
+    prompts: list[PromptSpec] = field(default_factory=list)
+    objects: list[ObjectPrompt] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -85,46 +114,46 @@ LoadResult = LoadedImage | AlreadyDone | StageFailure
 WriteResult = WrittenImage | StageFailure
 
 
-def load_image(resources: StageResources, item: WorkItem, spec: JobSpec, check_done: bool) -> LoadResult:
-    """Read, decode and prepare one image; with ``check_done``, first look for its finished metadata."""
+def load_image(loader: Loader, item: WorkItem, keep_pixels: bool, done_check: DoneCheck | None) -> LoadResult:
+    """Read, decode and prepare one image; with ``done_check``, first look for its finished metadata."""
     try:
-        if check_done:
-            done = _existing_result(item, spec, resources.storage)
+        if done_check is not None:
+            done = _existing_result(item, done_check, loader.storage)
             if done is not None:
                 return done
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        data = resources.storage.read_bytes(item.uri)
+        data = loader.storage.read_bytes(item.uri)
         start = _timed(timings, "download", start)
-        image = decode_image(data, max_pixels=resources.settings.max_image_pixels)
+        image = decode_image(data, max_pixels=loader.max_pixels)
         start = _timed(timings, "decode", start)
-        prepared = resources.preparer(image)
+        prepared = loader.preparer(image)
         _timed(timings, "preprocess", start)
     except Exception as exc:
         return StageFailure.of(exc)
     return LoadedImage(
-        item=item, prepared=prepared, size_wh=(image.width, image.height), rgb=pixels_for_writer(spec, image),
-        prompts=list(item.prompts or spec.prompts), timings_ms=timings, bytes_read=len(data),
+        item=item, prepared=prepared, size_wh=(image.width, image.height),
+        rgb=rgb_pixels(image) if keep_pixels else None, timings_ms=timings, bytes_read=len(data),
     )
 
 
-def write_image(resources: StageResources, job: ImageJob) -> WriteResult:
+def write_image(storage: Storage, request: WriteRequest) -> WriteResult:
     """Encode and upload one image's outputs, metadata last."""
     start = time.perf_counter()
     try:
-        metadata = write_image_outputs(job, resources.storage)
+        metadata = write_image_outputs(request, storage)
     except Exception as exc:
         return StageFailure.of(exc)
     return WrittenImage(metadata=metadata, seconds=time.perf_counter() - start)
 
 
-def _existing_result(item: WorkItem, spec: JobSpec, storage: Storage) -> AlreadyDone | None:
+def _existing_result(item: WorkItem, check: DoneCheck, storage: Storage) -> AlreadyDone | None:
     """On a retry or redelivery, an image whose metadata already exists is done: do not redo it."""
-    uri = OutputLayout(spec.output_root, item.out_key).metadata_uri
+    uri = OutputLayout(check.output_root, item.out_key).metadata_uri
     if not storage.exists(uri):
         return None
     metadata = ImageMetadata.model_validate_json(storage.read_bytes(uri))
-    if metadata.job_id != spec.job_id:
+    if metadata.job_id != check.job_id:
         return None
     return AlreadyDone(item, metadata)
 

@@ -1,8 +1,8 @@
 """``process_chunk``: load in the loader pool -> batched model -> write in the writer pool.
 
 The model runs here, in the calling thread; loading (read, decode, prepare) and writing (encode, upload)
-run in stage pools (``worker.stage_pools``: processes by default). The Celery task and the embedded
-runner both call this one function.
+are steps (``worker.io_stages``) run by stage pools (``worker.stage_pools``: processes by default). The
+Celery task and the embedded runner both call this one function.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
-
-from PIL import Image
+from typing import Protocol, TypeVar
 
 from sam3_batch.contracts.errors import ItemError, JobCancelledError
 from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcome, JobSpec, Thresholds, WorkItem
@@ -25,16 +23,20 @@ from sam3_batch.worker import metrics
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.io_stages import (
     AlreadyDone,
+    DoneCheck,
     LoadedImage,
+    Loader,
+    LoaderSetup,
     LoadResult,
-    Preparer,
     StageFailure,
     WriteResult,
+    WriterSetup,
     WrittenImage,
     load_image,
     write_image,
 )
-from sam3_batch.worker.stage_pools import StagePool
+from sam3_batch.worker.model_input import PreparedImage, Preparer
+from sam3_batch.worker.stage_pools import StagePool, StageProcessDied
 from sam3_batch.worker.visual_prompts import (
     VisualRequest,
     VisualResult,
@@ -42,7 +44,9 @@ from sam3_batch.worker.visual_prompts import (
     fit_prompts,
     has_visual_prompts,
 )
-from sam3_batch.worker.writer import ImageJob
+from sam3_batch.worker.writer import WriteRequest
+
+T = TypeVar("T")
 
 
 class SegmentationRuntime(Protocol):
@@ -57,7 +61,7 @@ class SegmentationRuntime(Protocol):
         ...
 
     def segment(
-        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
     ) -> list[list[PromptDetections]]: ...
 
 
@@ -68,23 +72,26 @@ class ChunkContext:
     runtime: SegmentationRuntime
     storage: Storage
     settings: Settings
-    loaders: StagePool
-    writers: StagePool
+    loaders: StagePool[Loader]
+    writers: StagePool[Storage]
     # One slot per image whose detections (full-size masks) wait in host RAM for their write, shared by
     # every chunk in flight: when all are taken the model waits for the writers instead of piling up masks.
     write_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(16))
+    # One batch on the model at a time; model time is measured inside it, so chunks waiting do not count.
+    model_turn: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, runtime: SegmentationRuntime, storage: Storage, settings: Settings) -> ChunkContext:
-        # One pixel limit for the process: Pillow's own bomb check then agrees with decode_image's.
-        Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
         if settings.batch_size == 0:  # automatic: what the runtime finds fits (free GPU memory)
             settings = settings.model_copy(update={"batch_size": _automatic_batch_size(runtime)})
         preparer = runtime.preparer
+        # The stage processes import the steps and the preparer's module once, in the forkserver.
+        preload = [name for name in ("sam3_batch.worker.io_stages", getattr(preparer, "__module__", None)) if name]
+        mode, workers = settings.io_mode, settings.io_workers
         return cls(
             runtime=runtime, storage=storage, settings=settings,
-            loaders=StagePool("loader", settings, preparer, storage),
-            writers=StagePool("writer", settings, preparer, storage),
+            loaders=StagePool("loader", LoaderSetup(settings, preparer), mode=mode, workers=workers, preload=preload),
+            writers=StagePool("writer", WriterSetup(settings), mode=mode, workers=workers, preload=preload),
             write_slots=threading.Semaphore(pending_writes_limit(settings)),
         )
 
@@ -121,7 +128,7 @@ class ChunkResult:
     retry_later: list[ItemOutcome] = field(default_factory=list)
     transient: list[TransientFailure] = field(default_factory=list)  # this attempt's, for the logs
     metadata: list[ImageMetadata] = field(default_factory=list)  # every done image's, for the index
-    model_seconds: float = 0.0
+    model_seconds: float = 0.0  # the model's time on this chunk's batches (while it had the model's turn)
 
 
 def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool,
@@ -148,7 +155,7 @@ def _batches(loaded: Iterable[LoadedImage], size: int) -> Iterator[list[LoadedIm
         yield batch
 
 
-def _outcome_of(future: Future[Any]) -> Any:
+def _outcome_of(future: Future[T]) -> T | StageFailure:
     """A stage future's result; a dead stage process is re-raised, anything else becomes a StageFailure."""
     try:
         return future.result()
@@ -158,18 +165,26 @@ def _outcome_of(future: Future[Any]) -> Any:
         return StageFailure.of(exc)
 
 
+def _alone(run_isolated: Callable[[], T]) -> T | StageFailure:
+    """The result of a step run alone (``StagePool.run_isolated``), or a failure if its process died every time."""
+    try:
+        return run_isolated()
+    except StageProcessDied as exc:
+        return StageFailure.of(exc)
+
+
 @dataclass
 class _PendingWrite:
-    """A submitted write; its job (masks and pixels) is kept only until the write is done."""
+    """A started write; its request (masks and pixels) is kept only until the write is done."""
 
     item: WorkItem
-    job: ImageJob | None
+    request: WriteRequest | None
     future: Future[WriteResult]
     slot: threading.Semaphore
 
-    def release_job(self, future: Future[WriteResult]) -> None:
+    def release_request(self, future: Future[WriteResult]) -> None:
         if not isinstance(future.exception(), BrokenProcessPool):  # kept to redo the write if its process died
-            self.job = None
+            self.request = None
         self.slot.release()
 
 
@@ -187,9 +202,10 @@ class _ChunkRun:
         If a loader process dies, every load in flight fails with it: those images are loaded again
         one at a time in a fresh pool, so that only an image that kills its process every time fails.
         """
-        futures = {
-            self.ctx.loaders.submit(load_image, item, self.spec, check_done): item for item in self.chunk.items
-        }
+        keep_pixels = self.spec.outputs.masked_image
+        done_check = DoneCheck(self.spec.output_root, self.spec.job_id) if check_done else None
+        loaders = self.ctx.loaders
+        futures = {loaders.start(load_image, item, keep_pixels, done_check): item for item in self.chunk.items}
         orphans: list[WorkItem] = []
         for future in as_completed(futures):
             try:
@@ -199,7 +215,8 @@ class _ChunkRun:
                 continue
             yield from self._accept_load(futures[future], loaded)
         for item in orphans:
-            yield from self._accept_load(item, self.ctx.loaders.run_isolated(load_image, item, self.spec, check_done))
+            alone = _alone(lambda: loaders.run_isolated(load_image, item, keep_pixels, done_check))  # noqa: B023
+            yield from self._accept_load(item, alone)
 
     def _accept_load(self, item: WorkItem, loaded: LoadResult) -> Iterator[LoadedImage]:
         if isinstance(loaded, StageFailure):
@@ -208,7 +225,7 @@ class _ChunkRun:
             self.done(item, loaded.metadata)
         else:
             try:
-                fitted = _with_fitted_prompts(loaded)
+                fitted = _with_fitted_prompts(replace(loaded, prompts=list(item.prompts or self.spec.prompts)))
             except Exception as exc:
                 _failure(item, StageFailure.of(exc), self.result, self.final_attempt, "load")
                 return
@@ -224,22 +241,27 @@ class _ChunkRun:
 
     def run_batch(self, batch: list[LoadedImage]) -> None:
         """One model call for the batch; if it fails, each image alone so one bad image fails alone."""
-        start = time.perf_counter()
         try:
-            found = _segment(self.ctx.runtime, batch, self.spec.thresholds)
+            found, elapsed = self._segment(batch)
         except Exception:
             if len(batch) == 1:
                 raise
             for single in batch:
                 self.run_single(single)
             return
-        elapsed = time.perf_counter() - start
         self.result.model_seconds += elapsed
         metrics.BATCH_IMAGES.observe(len(batch))
         for entry, (detections, objects) in zip(batch, found, strict=True):
             entry.timings_ms["model"] = elapsed * 1000.0 / len(batch)
             metrics.observe_stage("model", elapsed / len(batch))
-            self.submit_write(entry, detections, objects)
+            self.start_write(entry, detections, objects)
+
+    def _segment(self, batch: list[LoadedImage]) -> tuple[Segmented, float]:
+        """The model's detections and the seconds it took: timed once this chunk has the model's turn."""
+        with self.ctx.model_turn:
+            start = time.perf_counter()
+            found = _segment(self.ctx.runtime, batch, self.spec.thresholds)
+            return found, time.perf_counter() - start
 
     def run_single(self, entry: LoadedImage) -> None:
         try:
@@ -247,37 +269,38 @@ class _ChunkRun:
         except Exception as exc:
             _failure(entry.item, StageFailure.of(exc), self.result, self.final_attempt, "model")
 
-    def submit_write(
+    def start_write(
         self, entry: LoadedImage, detections: list[PromptDetections], objects: list[PromptDetections]
     ) -> None:
-        job = ImageJob(
+        request = WriteRequest(
             self.spec, self.chunk.chunk_id, entry.item, entry.size_wh, entry.rgb, detections, entry.timings_ms,
             prompts=entry.prompts, objects=entry.objects, object_detections=objects,
             model_commit=getattr(self.ctx.runtime, "commit", None),
         )
         self.ctx.write_slots.acquire()  # released when the write is done (failed or lost included)
         try:
-            future = self.ctx.writers.submit(write_image, job)
+            future = self.ctx.writers.start(write_image, request)
         except BaseException:
             self.ctx.write_slots.release()
             raise
-        pending = _PendingWrite(entry.item, job, future, self.ctx.write_slots)
-        pending.future.add_done_callback(pending.release_job)
+        pending = _PendingWrite(entry.item, request, future, self.ctx.write_slots)
+        pending.future.add_done_callback(pending.release_request)
         self.writes.append(pending)
 
     def collect_writes(self) -> None:
         """Wait for every write; writes lost with a dead writer process are redone one at a time."""
-        orphans: list[tuple[WorkItem, ImageJob]] = []
+        orphans: list[tuple[WorkItem, WriteRequest]] = []
         for pending in self.writes:
             try:
                 written = _outcome_of(pending.future)
             except BrokenProcessPool:
-                assert pending.job is not None  # kept by release_job for exactly this
-                orphans.append((pending.item, pending.job))
+                assert pending.request is not None  # kept by release_request for exactly this
+                orphans.append((pending.item, pending.request))
                 continue
             self._accept_write(pending.item, written)
-        for item, job in orphans:
-            self._accept_write(item, self.ctx.writers.run_isolated(write_image, job))
+        writers = self.ctx.writers
+        for item, request in orphans:
+            self._accept_write(item, _alone(lambda: writers.run_isolated(write_image, request)))  # noqa: B023
 
     def _accept_write(self, item: WorkItem, written: WriteResult) -> None:
         if isinstance(written, StageFailure):

@@ -17,6 +17,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, 
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.compile_toolchain import require_compile_toolchain
 from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.model_input import PreparedImage
 from sam3_batch.worker.precision import Precision, keep_heads_in_float32, resolve_precision
 from sam3_batch.worker.sam3_adapter import (
     UPSAMPLE_PIXEL_BUDGET,
@@ -39,14 +40,6 @@ AUTO_BATCH_LIMIT = 64  # past this a GPU is saturated; bigger batches only add l
 AUTO_BATCH_PROMPTS = 4  # prompts per image the probe assumes; jobs with more rely on the OOM split
 # Fraction of free GPU memory the batch may plan on: the rest absorbs allocator fragmentation.
 AUTO_BATCH_MEMORY_SHARE = 0.85
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    """One image after the processor's resize + normalize, ready to stack into a batch."""
-
-    pixel_values: torch.Tensor  # (C, H, W) at the model's input size
-    original_size_hw: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -227,6 +220,7 @@ class Sam3Runtime:
         for size in sizes:
             self.segment([blank] * size, [["warm-up"]] * size, Thresholds(score=1.0))
         return sizes
+
     def segment_visual(
         self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds
     ) -> list[VisualResult]:
@@ -238,18 +232,6 @@ class Sam3Runtime:
         sizes_hw = [image.original_size_hw for image in images]
         with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
             return self.visual.segment(self._stack(images), requests, sizes_hw, thresholds)
-
-    def bare_forward(self, images: list[PreparedImage], prompt: str) -> None:
-        """The model forward alone on prepared images (no post-processing): the throughput ceiling."""
-        with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
-            features, attention_mask = self._text_rows([prompt] * len(images))
-            self.model(
-                pixel_values=self._stack(images),
-                text_embeds=as_text_embeds(features),
-                attention_mask=attention_mask,
-            )
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
 
     def suggest_batch_size(self, prompts_per_image: int = AUTO_BATCH_PROMPTS, limit: int = AUTO_BATCH_LIMIT) -> int:
         """Images per batch for this device: on CUDA, what fits the free memory, probed with 1 and 2 images.

@@ -14,15 +14,15 @@ from pydantic import ValidationError
 
 from sam3_batch.contracts.errors import JobCancelledError, StaleGenerationError, is_transient, reason_of
 from sam3_batch.contracts.jobstate import UnknownJobError
-from sam3_batch.contracts.lake import write_chunk_part
 from sam3_batch.contracts.queue import TASK_NAME
 from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import ChunkMessage, ItemOutcome
 from sam3_batch.worker import metrics
 from sam3_batch.worker.celery_app import app
+from sam3_batch.worker.chunk_record import record_chunk
 from sam3_batch.worker.health import HEALTH
 from sam3_batch.worker.pipeline import ChunkResult, TransientFailure, process_chunk
-from sam3_batch.worker.state import WorkerState, worker_state
+from sam3_batch.worker.process_context import WorkerContext, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,11 @@ def _whole_chunk_failed(chunk: ChunkMessage, reason: str) -> ChunkResult:
     return ChunkResult(outcomes=outcomes)
 
 
-def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> None:
-    # The part must exist before the chunk counts as done: a crash in between redelivers the chunk.
-    if chunk.generation != state.store.generation(chunk.job_id):  # cheap early exit; record_chunk decides
+def _record(worker: WorkerContext, chunk: ChunkMessage, result: ChunkResult) -> None:
+    if chunk.generation != worker.store.generation(chunk.job_id):  # cheap early exit; record_chunk decides
         raise StaleGenerationError(f"chunk {chunk.chunk_id} belongs to an older plan of job {chunk.job_id}")
-    spec = state.spec(chunk.job_id)
-    write_chunk_part(state.chunk_context.storage, spec, chunk.chunk_id, result.outcomes, result.metadata)
-    commit = getattr(state.chunk_context.runtime, "commit", None)
-    if commit:
-        state.store.note_model_commit(chunk.job_id, commit)
-    counted = state.store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds,
-                                       generation=chunk.generation)
+    counted = record_chunk(worker.store, worker.chunk_context.storage, worker.spec(chunk.job_id), chunk, result,
+                           commit=getattr(worker.chunk_context.runtime, "commit", None), generation=chunk.generation)
     metrics.CHUNKS.labels(result="counted" if counted else "duplicate").inc()
     metrics.LAST_CHUNK_FINISHED.set_to_current_time()
     failed_outcomes = [o for o in result.outcomes if o.status == "failed"]
@@ -79,38 +73,38 @@ def _record(state: WorkerState, chunk: ChunkMessage, result: ChunkResult) -> Non
     failed = len(failed_outcomes)
     log.info("chunk %s finished: %d done, %d failed, model %.2fs", chunk.chunk_id, len(result.outcomes) - failed,
              failed, result.model_seconds, extra=_ids(chunk))
-    finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
+    finalize_if_complete(worker.store, worker.chunk_context.storage, chunk.job_id)
     metrics.record_gpu_memory()
 
 
-def _reason_to_skip(state: WorkerState, chunk: ChunkMessage) -> str | None:
+def _reason_to_skip(worker: WorkerContext, chunk: ChunkMessage) -> str | None:
     """Why this chunk needs no work at all, or None when it must be processed."""
-    if state.store.is_chunk_recorded(chunk.job_id, chunk.chunk_id):
-        _finalize_quietly(state, chunk)  # its report write may have failed: this redelivery retries it
+    if worker.store.is_chunk_recorded(chunk.job_id, chunk.chunk_id):
+        _finalize_quietly(worker, chunk)  # its report write may have failed: this redelivery retries it
         return "duplicate"  # a redelivery of a chunk that already finished
     try:
-        state.spec(chunk.job_id)
+        worker.spec(chunk.job_id)
     except UnknownJobError:
         log.error("dropping chunk %s: unknown job %s", chunk.chunk_id, chunk.job_id, extra=_ids(chunk))
         return "unknown-job"
-    if chunk.generation != state.store.generation(chunk.job_id):
+    if chunk.generation != worker.store.generation(chunk.job_id):
         return "stale"  # planned before a resume replanned the job: the new plan covers its images
-    if state.store.is_cancelled(chunk.job_id):
+    if worker.store.is_cancelled(chunk.job_id):
         metrics.CHUNKS.labels(result="cancelled").inc()
         return "cancelled"
     return None
 
 
-def _finalize_quietly(state: WorkerState, chunk: ChunkMessage) -> None:
+def _finalize_quietly(worker: WorkerContext, chunk: ChunkMessage) -> None:
     try:
-        finalize_if_complete(state.store, state.chunk_context.storage, chunk.job_id)
+        finalize_if_complete(worker.store, worker.chunk_context.storage, chunk.job_id)
     except Exception as exc:  # the claim was released: the next caller that sees the job complete retries
         log.warning("job %s: could not write the report (%s)", chunk.job_id, reason_of(exc), extra=_ids(chunk))
 
 
-def _superseded(state: WorkerState, chunk: ChunkMessage) -> bool:
+def _superseded(worker: WorkerContext, chunk: ChunkMessage) -> bool:
     """True once the job was cancelled, or replanned by a resume, after this chunk was planned."""
-    return state.store.is_cancelled(chunk.job_id) or state.store.generation(chunk.job_id) != chunk.generation
+    return worker.store.is_cancelled(chunk.job_id) or worker.store.generation(chunk.job_id) != chunk.generation
 
 
 def _checked_at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
@@ -126,29 +120,29 @@ def _checked_at_most_every(seconds: float, check: Callable[[], bool]) -> Callabl
     return cached
 
 
-def _model_mismatch(state: WorkerState, chunk: ChunkMessage) -> str | None:
+def _model_mismatch(worker: WorkerContext, chunk: ChunkMessage) -> str | None:
     """Masks must come from the model the job asked for: a worker serving another one refuses the chunk."""
-    spec, runtime = state.spec(chunk.job_id), state.chunk_context.runtime
+    spec, runtime = worker.spec(chunk.job_id), worker.chunk_context.runtime
     if (spec.model_id, spec.model_revision) == (runtime.model_id, runtime.revision):
         return None
     return (f"this worker serves model {runtime.model_id} (revision {runtime.revision}) but the job asks for "
             f"{spec.model_id} (revision {spec.model_revision}): run such jobs on their own queue")
 
 
-def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult:
+def _process(task: Task, worker: WorkerContext, chunk: ChunkMessage) -> ChunkResult:
     """Run the pipeline; transient trouble becomes a task retry until the last attempt."""
-    mismatch = _model_mismatch(state, chunk)
+    mismatch = _model_mismatch(worker, chunk)
     if mismatch:
         log.error("chunk %s: %s", chunk.chunk_id, mismatch, extra=_ids(chunk))
         return _whole_chunk_failed(chunk, mismatch)
-    first_start = state.store.mark_chunk_started(chunk.job_id, chunk.chunk_id)
+    first_start = worker.store.mark_chunk_started(chunk.job_id, chunk.chunk_id)
     retries = int(task.request.retries or 0)
-    final_attempt = retries >= state.settings.task_retries
+    final_attempt = retries >= worker.settings.task_retries
     try:
         result = process_chunk(
-            chunk, state.spec(chunk.job_id), state.chunk_context,
+            chunk, worker.spec(chunk.job_id), worker.chunk_context,
             check_done=not first_start or retries > 0, final_attempt=final_attempt,
-            should_stop=_checked_at_most_every(1.0, lambda: _superseded(state, chunk)),
+            should_stop=_checked_at_most_every(1.0, lambda: _superseded(worker, chunk)),
         )
     except JobCancelledError:
         raise
@@ -172,21 +166,21 @@ def _process(task: Task, state: WorkerState, chunk: ChunkMessage) -> ChunkResult
 
 def run_chunk_task(task: Task, message: dict[str, Any]) -> str:
     """Process one chunk message; returns how it ended (for logs and tests)."""
-    state = worker_state()
+    worker = worker_context()
     try:
         chunk = ChunkMessage.model_validate(message)
     except ValidationError as exc:
         log.error("dropping a malformed chunk message: %s", reason_of(exc))
         return "invalid"
-    skip = _reason_to_skip(state, chunk)
+    skip = _reason_to_skip(worker, chunk)
     if skip:
         return skip
     try:
-        result = _process(task, state, chunk)
+        result = _process(task, worker, chunk)
     except JobCancelledError:
         return "cancelled"
     try:
-        _record(state, chunk, result)
+        _record(worker, chunk, result)
     except StaleGenerationError:
         return "stale"  # a resume replanned the job while this chunk ran: the new plan counts its images
     except Exception as exc:

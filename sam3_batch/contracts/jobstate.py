@@ -36,7 +36,7 @@ class JobStats:
 
     started_at: float
     last_update: float | None = None
-    gpu_seconds: float = 0.0
+    model_seconds: float = 0.0
     instances: int = 0
     error: str | None = None  # set when the job as a whole failed (e.g. its source could not be opened)
     model_commit: str | None = None  # the hub commit the first worker to record a chunk had loaded
@@ -57,7 +57,7 @@ class JobStore(Protocol):
     def spec(self, job_id: str) -> JobSpec: ...
     def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool: ...
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float,
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], model_seconds: float,
         generation: int | None = None,
     ) -> bool: ...
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool: ...
@@ -105,7 +105,7 @@ if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], 'done', ARGV[2])
 redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
 redis.call('HINCRBY', KEYS[2], 'instances', ARGV[4])
-redis.call('HINCRBYFLOAT', KEYS[2], 'gpu_seconds', ARGV[5])
+redis.call('HINCRBYFLOAT', KEYS[2], 'model_seconds', ARGV[5])
 redis.call('HSET', KEYS[2], 'last_update', ARGV[6])
 for i = 8, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
 return 1
@@ -202,7 +202,7 @@ class RedisJobStore:
         return bool(self._register(keys=keys, args=[*args, *failures]))
 
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float,
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], model_seconds: float,
         generation: int | None = None,
     ) -> bool:
         """Count a chunk once (False for a duplicate); StaleGenerationError if a resume replanned the job."""
@@ -215,7 +215,7 @@ class RedisJobStore:
         ]
         instances = sum(o.instances for o in outcomes)
         keys = [job_key(job_id, "recorded"), job_key(job_id, "counters"), job_key(job_id, "failures")]
-        args: list[Any] = [chunk_id, done, len(failures), instances, f"{gpu_seconds:.6f}", time.time(),
+        args: list[Any] = [chunk_id, done, len(failures), instances, f"{model_seconds:.6f}", time.time(),
                            "" if generation is None else generation]
         counted = int(self._record(keys=keys, args=[*args, *failures]))
         if counted < 0:
@@ -252,7 +252,7 @@ class RedisJobStore:
         return JobStats(
             started_at=float(values.get("started_at", time.time())),
             last_update=None if last_update is None else float(last_update),
-            gpu_seconds=float(values.get("gpu_seconds", 0.0)), instances=int(values.get("instances", 0)),
+            model_seconds=float(values.get("model_seconds", 0.0)), instances=int(values.get("instances", 0)),
             error=values.get("error"), model_commit=values.get("model_commit"),
         )
 

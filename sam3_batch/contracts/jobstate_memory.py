@@ -65,7 +65,7 @@ class MemoryJobStore:
             return True
 
     def record_chunk(
-        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], gpu_seconds: float,
+        self, job_id: str, chunk_id: str, outcomes: Sequence[ItemOutcome], model_seconds: float,
         generation: int | None = None,
     ) -> bool:
         with self._lock:
@@ -84,7 +84,7 @@ class MemoryJobStore:
                                 out_key=outcome.out_key)
                     )
             job.stats["instances"] = job.stats.get("instances", 0.0) + sum(o.instances for o in outcomes)
-            job.stats["gpu_seconds"] = job.stats.get("gpu_seconds", 0.0) + gpu_seconds
+            job.stats["model_seconds"] = job.stats.get("model_seconds", 0.0) + model_seconds
             job.stats["last_update"] = time.time()
             return True
 
@@ -113,7 +113,7 @@ class MemoryJobStore:
         job = self._job(job_id)
         return JobStats(
             started_at=job.stats.get("started_at", time.time()), last_update=job.stats.get("last_update"),
-            gpu_seconds=job.stats.get("gpu_seconds", 0.0), instances=int(job.stats.get("instances", 0)),
+            model_seconds=job.stats.get("model_seconds", 0.0), instances=int(job.stats.get("instances", 0)),
             error=job.error, model_commit=job.model_commit,
         )
 

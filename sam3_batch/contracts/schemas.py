@@ -350,7 +350,10 @@ class JobReport(_Strict):
     finished_at: float
     wall_seconds: float
     images_per_second: float
-    gpu_seconds: float
+    # Seconds the model spent on this job's batches (post-processing included), timed only while a batch
+    # had the model: chunks waiting for their turn do not count. On a GPU worker this is GPU time.
+    model_seconds: float = 0.0
+    gpu_seconds: float = 0.0  # deprecated: the same value as model_seconds, kept for existing readers
     failures: list[Failure]
     instances: int | None = None  # from the index; None when no index was written
     thresholds: Thresholds | None = None

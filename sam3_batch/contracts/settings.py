@@ -41,7 +41,6 @@ class Settings(BaseSettings):
 
     # Images
     max_image_pixels: int = Field(120_000_000, ge=1)  # decompression-bomb cap
-    max_prompt_chars: int = Field(256, ge=1)
 
     # Model and inference
     model: str = "facebook/sam3"

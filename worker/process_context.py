@@ -1,4 +1,4 @@
-"""Per-worker resources, filled once at start-up: the resident model, storage, job store, thread pools."""
+"""The worker process's context, filled once at start-up: the resident model, storage, job store, stage pools."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sam3_batch.contracts.schemas import JobSpec
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker import metrics
+from sam3_batch.worker.decode import limit_pillow_pixels
 from sam3_batch.worker.pipeline import ChunkContext, SegmentationRuntime
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def warm_up_compiled(context: ChunkContext) -> None:
 
 
 @dataclass
-class WorkerState:
+class WorkerContext:
     """Everything a chunk task needs, built once per worker process."""
 
     settings: Settings
@@ -71,26 +72,27 @@ class WorkerState:
         return self._specs[job_id]
 
 
-_state: WorkerState | None = None
+_context: WorkerContext | None = None
 _lock = threading.Lock()
 
 
-def init_worker_state(settings: Settings, runtime: SegmentationRuntime | None = None) -> WorkerState:
-    """Build the process-wide worker state (loads the model unless one is given)."""
-    global _state
+def init_worker_context(settings: Settings, runtime: SegmentationRuntime | None = None) -> WorkerContext:
+    """Build the process-wide worker context (loads the model unless one is given)."""
+    global _context
     with _lock:
-        if _state is None:
+        if _context is None:
+            limit_pillow_pixels(settings.max_image_pixels)  # this process decodes when loaders are threads
             storage = Storage(settings)
             store = RedisJobStore(settings.state_redis_url())
             runtime = runtime or load_runtime(settings)
             context = ChunkContext.create(runtime, storage, settings)
             warm_up_compiled(context)
-            _state = WorkerState(settings, store, context)
-        return _state
+            _context = WorkerContext(settings, store, context)
+        return _context
 
 
-def worker_state() -> WorkerState:
-    """The state built by ``init_worker_state``; a task running without it is a set-up bug."""
-    if _state is None:
-        raise RuntimeError("worker state is not initialised: start workers with `sam3-batch worker`")
-    return _state
+def worker_context() -> WorkerContext:
+    """The context built by ``init_worker_context``; a task running without it is a set-up bug."""
+    if _context is None:
+        raise RuntimeError("worker context is not initialised: start workers with `sam3-batch worker`")
+    return _context

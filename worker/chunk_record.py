@@ -1,0 +1,24 @@
+"""After a chunk is processed: its Parquet part is written, then the chunk is counted (Celery task and embedded)."""
+
+from __future__ import annotations
+
+from sam3_batch.contracts.jobstate import JobStore
+from sam3_batch.contracts.lake import write_chunk_part
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.pipeline import ChunkResult
+
+
+def record_chunk(store: JobStore, storage: Storage, spec: JobSpec, chunk: ChunkMessage, result: ChunkResult, *,
+                 commit: str | None = None, generation: int | None = None) -> bool:
+    """Write the chunk's part, then count the chunk once; False if it had been counted already.
+
+    The part must exist before the chunk counts as done: a crash in between redelivers the chunk, whose
+    part (named by the chunk id) is then written again, never twice. ``commit`` is the model commit that
+    made the outputs; with ``generation``, a chunk of an older plan raises StaleGenerationError instead.
+    """
+    write_chunk_part(storage, spec, chunk.chunk_id, result.outcomes, result.metadata)
+    if commit:
+        store.note_model_commit(chunk.job_id, commit)
+    return store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds,
+                              generation=generation)
