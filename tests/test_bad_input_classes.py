@@ -142,7 +142,9 @@ def test_non_regular_files_fail_at_once_and_signed_urls_never_reach_outputs_repo
         "&X-Amz-Signature=***&w=1"
     assert metadata.image.file_name == "img.png"
     [part] = list(out.glob("_jobs/*/parts/*.parquet"))
-    assert pq.read_table(part).column("uri").to_pylist() == [metadata.image.uri]
+    rows = pq.read_table(part).to_pylist()
+    assert [r["uri"] for r in rows if r["status"] == "done"] == [metadata.image.uri]
+    assert f"{signed_server}/denied.png?token=***&sig=***" in [r["uri"] for r in rows if r["status"] == "failed"]
     for path in out.rglob("*"):
         if path.is_file():
             data = path.read_bytes()

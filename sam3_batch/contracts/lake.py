@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sam3_batch.contracts.layout import OutputLayout, part_uri
+from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.schemas import SCHEMA_VERSION, ImageMetadata, ItemOutcome, JobSpec
 from sam3_batch.contracts.storage import Storage
 
@@ -107,7 +108,7 @@ def failed_row(spec: JobSpec, chunk_id: str, outcome: ItemOutcome, moment: datet
     """The row of one failed image: its reason, no instances."""
     return {
         "schema_version": SCHEMA_VERSION, "job_id": spec.job_id, "chunk_id": chunk_id,
-        "out_key": outcome.out_key or "", "uri": outcome.uri, "status": "failed", "reason": outcome.reason,
+        "out_key": outcome.out_key or "", "uri": display_uri(outcome.uri), "status": "failed", "reason": outcome.reason,
         "metadata_uri": None, "masked_image_uri": None, "width": None, "height": None,
         "model_id": spec.model_id, "model_revision": spec.model_revision, "model_commit": None,
         "score_threshold": spec.thresholds.score, "mask_threshold": spec.thresholds.mask,
