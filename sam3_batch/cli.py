@@ -158,7 +158,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
     if dry_run:
         _print_plan(jobs.dry_run(request, settings, rate), as_json)
         return
-    store = RedisJobStore.interactive(settings.state_redis_url())
+    store = RedisJobStore(settings.state_redis_url())  # jobs.submit checks Redis first, in seconds
     ticker = progress.FeedProgress(store, sys.stderr, settings.progress_interval_s, settings.log_json)
     summary = jobs.submit(request, settings, resume_job=resume, on_started=lambda spec: _announce(spec, as_json),
                           on_progress=ticker)
@@ -220,8 +220,9 @@ def status(job_id: str, as_json: JsonOut = False,
            max_failed_fraction: MaxFailedFraction = 0.0, progress_every: ProgressEvery = None) -> None:
     """Show a job's total/done/failed/skipped, images/s and ETA."""
     settings = _settings(progress_interval_s=progress_every)
-    store = RedisJobStore(settings.state_redis_url())
+    store = RedisJobStore.interactive(settings.state_redis_url())  # a dead Redis or a bad URL: one line, seconds
     if follow:
+        store = RedisJobStore(settings.state_redis_url())  # a long watch rides out a Redis restart
         final = progress.watch(store, job_id, Console(), stream=sys.stdout,
                                line_every_s=settings.progress_interval_s, as_json=as_json)
         raise typer.Exit(code=progress.exit_code(final, max_failed_fraction))
@@ -236,7 +237,7 @@ def status(job_id: str, as_json: JsonOut = False,
 def cancel(job_id: str) -> None:
     """Stop a job: queued chunks are dropped, nothing new is written, its report says cancelled."""
     settings = _settings()
-    store = RedisJobStore(settings.state_redis_url())
+    store = RedisJobStore.interactive(settings.state_redis_url())
     snapshot = progress.job_status(store, job_id)
     if snapshot.ended:
         _out(f"job {job_id} already ended ({snapshot.state}): nothing to cancel")

@@ -25,7 +25,7 @@ def prepare_torch(settings: Settings) -> None:
     threads = settings.torch_threads or _default_threads(settings.device)
     if threads:
         torch.set_num_threads(threads)
-    log.info("torch: %d CPU threads, allocator %s, compile caches in %s", torch.get_num_threads(),
+    log.debug("torch: %d CPU threads, allocator %s, compile caches in %s", torch.get_num_threads(),
              os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
              os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
 
