@@ -76,11 +76,13 @@ def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobR
     The claim holds only while the report is written: a write that fails releases it (and raises), so
     the next caller that sees the job ended (a redelivered chunk, the producer) writes it.
     """
-    if not account_job(store, job_id).ended or not store.claim_report(job_id):
+    account = account_job(store, job_id)
+    if not account.ended or not store.claim_report(job_id):
         return None
     written = False
     try:
-        index, commit = _compact(storage, store.spec(job_id).output_root, job_id)
+        processed = account.counters.done + account.counters.failed  # none: cancelled or failed early, no index
+        index, commit = _compact(storage, store.spec(job_id).output_root, job_id) if processed else (None, None)
         report = write_report(store, storage, job_id, index, commit)
         written = True
     finally:
