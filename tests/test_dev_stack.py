@@ -93,7 +93,7 @@ def test_detached_dev_stack_serves_the_printed_env_until_stopped(folder: Path) -
     assert not any(pid_alive(pid) for pid in pids)
     assert not _ping(env)
     not_running = _dev_stack(folder, "stop")
-    assert not_running.returncode == 1 and not_running.stderr.strip() == f"no detached dev-stack in {folder}"
+    assert not_running.returncode == 1 and not_running.stderr.strip() == f"error: no detached dev-stack in {folder}"
 
 
 def test_foreground_dev_stack_stops_on_ctrl_c_and_its_data_outlives_a_restart(folder: Path) -> None:
@@ -126,6 +126,7 @@ def test_dev_stack_without_redis_server_says_so_in_one_line(tmp_path: Path) -> N
     result = _dev_stack(tmp_path / "stack", env=env)
 
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == ["redis-server is not installed (apt-get install redis-server, or "
-                                                  "brew install redis)"]
+    assert result.stderr.strip().splitlines() == [
+        "error: redis-server is not installed (apt-get install redis-server, or brew install redis)"
+    ]
     assert not (tmp_path / "stack").exists()  # nothing was started or written

@@ -94,5 +94,5 @@ def test_worker_with_require_gpu_refuses_to_start_on_the_cpu_in_one_line(flush_r
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("SAM3_BATCH_REQUIRE_GPU=true but no GPU is usable"), done.stderr
+    assert lines[-1].startswith("error: SAM3_BATCH_REQUIRE_GPU=true but no GPU is usable"), done.stderr
     assert "loaded" not in done.stderr  # refused before the model load
