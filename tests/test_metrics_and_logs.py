@@ -16,7 +16,7 @@ from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.settings import Settings
 from tests.fixtures.metrics import sample_value, scrape
 from tests.fixtures.services import AWS_SECRET_ACCESS_KEY, free_port
-from tests.fixtures.workers import run_cli, wait_for_job
+from tests.fixtures.workers import run_cli, wait_for_job, wait_until
 
 REDIS_PASSWORD = "redis-sentinel-pw-5d1c"  # distinctive, so finding it in a log cannot be a coincidence
 IMAGES = {"a.jpg": "jpeg", "b.png": "png_rgba", "c.webp": "webp"}
@@ -53,7 +53,12 @@ def test_worker_metrics_count_every_image_stage_batch_and_model_load(
     counters = wait_for_job(RedisJobStore(settings.state_redis_url()), job_id, workers=[worker])
     assert counters.done == len(IMAGES)
 
-    samples = scrape(port)
+    def idle_scrape() -> Any:
+        found = scrape(port)
+        return found if sample_value(found, "sam3_chunks_in_flight") == 0 else None
+
+    # The last chunk's task still compacts the index and writes the report after the job counts as done.
+    samples = wait_until(idle_scrape, 60, "the last chunk's task to end")
 
     assert sample_value(samples, "sam3_images_total", status="done") == len(IMAGES)
     for stage in STAGES:
