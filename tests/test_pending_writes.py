@@ -15,6 +15,7 @@ from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.pipeline import ChunkContext, pending_writes_limit, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
+from sam3_batch.worker.stage_pools import StagePool
 from tests.fixtures.model import scene_image
 
 IMAGES = 6
@@ -69,14 +70,16 @@ def test_no_more_than_the_bound_of_images_wait_for_a_stalled_writer(
     spec = JobSpec(job_id="bounded", prompts=["cat"], thresholds=Thresholds(score=0.0),
                    output_root=f"file://{tmp_path / 'out'}")
     runtime = GateOpeningRuntime(tiny_runtime, gate)
-    context = ChunkContext.create(runtime, GatedStorage(settings, gate), settings)
+    context = ChunkContext.create(runtime, Storage(settings), settings)
+    context.writers.close()  # the writers upload through the gate: a stalled upload
+    context.writers = StagePool("writer", lambda _own_process: GatedStorage(settings, gate), mode="threads", workers=1)
     outstanding, most = 0, 0
     lock = threading.Lock()
-    submit = context.writers.submit
+    start = context.writers.start
 
-    def counting_submit(fn: Any, *args: Any) -> Future[Any]:
+    def counting_start(fn: Any, *args: Any) -> Future[Any]:
         nonlocal outstanding, most
-        future = submit(fn, *args)
+        future = start(fn, *args)
         with lock:
             outstanding += 1
             most = max(most, outstanding)
@@ -88,7 +91,7 @@ def test_no_more_than_the_bound_of_images_wait_for_a_stalled_writer(
         with lock:
             outstanding -= 1
 
-    context.writers.submit = counting_submit  # type: ignore[method-assign]
+    context.writers.start = counting_start  # type: ignore[method-assign]
     fallback = threading.Timer(GATE_FALLBACK_S, gate.set)
     fallback.start()
     try:
