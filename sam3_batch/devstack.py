@@ -27,7 +27,8 @@ import redis
 from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
-from sam3_batch.seaweedfs import LocalServiceError, SeaweedFS, WeedPorts, find_binary, pid_alive, stop_pid, wait_until
+from sam3_batch.processes import pid_alive
+from sam3_batch.seaweedfs import LocalServiceError, SeaweedFS, WeedPorts, find_binary, stop_pid, wait_until
 
 DEFAULT_DIR = Path.home() / ".sam3-batch" / "dev-stack"
 REGION = "us-east-1"

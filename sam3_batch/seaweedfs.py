@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sam3_batch.contracts.errors import Sam3BatchError
+from sam3_batch.processes import pid_alive
 
 START_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.05
@@ -61,18 +62,6 @@ def wait_until(ready: Callable[[], bool], alive: Callable[[], bool], timeout_s: 
             return True
         time.sleep(POLL_INTERVAL_S)
     return False
-
-
-def pid_alive(pid: int) -> bool:
-    """True while a process with this id exists (and is not a zombie)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
 def stop_pid(pid: int, grace_s: float) -> None:

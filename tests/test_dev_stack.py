@@ -17,7 +17,7 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 
-from sam3_batch.seaweedfs import pid_alive
+from sam3_batch.processes import pid_alive
 from tests.fixtures.services import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -31,6 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.queues import SimpleQueue
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, cast
 
+from sam3_batch.processes import pid_alive
 from sam3_batch.worker import shared_arrays
 
 log = logging.getLogger(__name__)
@@ -163,18 +164,11 @@ def _exit_with(worker_pid: int) -> None:
     except ProcessLookupError:
         os._exit(0)
     except (AttributeError, OSError):  # no pidfd (not Linux, or an old kernel): poll instead
-        while _alive(worker_pid):
+        while pid_alive(worker_pid):
             time.sleep(1.0)
         os._exit(0)
     select.select([handle], [], [])  # readable once the process has exited
     os._exit(0)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
