@@ -193,7 +193,7 @@ def _print_plan(plan: jobs.PlanEstimate, as_json: bool) -> None:
     gpu = ("GPU-hours unknown (pass --rate IMAGES_PER_S)" if plan.gpu_hours is None
            else f"~{plan.gpu_hours:.2f} GPU-hours at {plan.seconds_per_image:.4f} s/image ({plan.estimate_from})")
     _out(f"dry run: {plan.images} images ({size}) in {plan.chunks} chunks, skipped "
-                        f"{plan.skipped}, bad entries {plan.problems}; {gpu}; nothing was enqueued")
+         f"{plan.skipped}, bad entries {plan.problems}; {gpu}; nothing was enqueued")
 
 
 @app.command()
@@ -294,8 +294,9 @@ def retry_failed_cmd(job_id: str) -> None:
     _out(f"resubmitted {count} failed images of {job_id}")
 
 
-def _job_root(job_id: str, out_root: str | None) -> str:
-    return out_root or RedisJobStore.interactive(_settings().state_redis_url()).spec(job_id).output_root
+def _job_root(settings: Settings, job_id: str, out_root: str | None) -> str:
+    """The output root given, or the one the job in Redis names."""
+    return out_root or RedisJobStore.interactive(settings.state_redis_url()).spec(job_id).output_root
 
 
 @app.command("index")
@@ -313,14 +314,14 @@ def index_cmd(job_id: str,
     from sam3_batch.contracts.storage import Storage
 
     settings = _settings()
-    root = out_root or RedisJobStore.interactive(settings.state_redis_url()).spec(job_id).output_root
+    root = _job_root(settings, job_id, out_root)
     summary = compact_index(Storage(settings), root, job_id, max_rows_per_file=target_rows,
                             partition_by=partition_by or (), dest=dest)
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
     _out(f"{job_id}: {summary.images} images ({summary.done} done, {summary.failed} failed, "
-              f"{summary.instances} instances) from {summary.parts_read} parts -> {summary.files_written} files")
+         f"{summary.instances} instances) from {summary.parts_read} parts -> {summary.files_written} files")
     for uri in summary.uris:
         _out(f"  {uri}")
 
@@ -336,16 +337,16 @@ def export_cmd(job_or_root: Annotated[str, typer.Argument(help="A job id (in Red
     from sam3_batch.contracts.storage import Storage
 
     if fmt != "coco":
-        raise typer.BadParameter("--format must be coco")
+        raise RequestError(f"--format must be coco, not {fmt!r}")
     settings = _settings()
     is_root = "://" in job_or_root or "/" in job_or_root or Path(job_or_root).is_dir()
-    root, job_id = (job_or_root, None) if is_root else (_job_root(job_or_root, None), job_or_root)
+    root, job_id = (job_or_root, None) if is_root else (_job_root(settings, job_or_root, None), job_or_root)
     summary = export_coco(Storage(settings), root, job_id, images_per_file=images_per_file, dest=dest)
     if as_json:
         out.print_json(json.dumps(summary.as_dict()))
         return
     _out(f"{summary.images} images, {summary.annotations} annotations, {len(summary.categories)} categories "
-              f"-> {len(summary.files)} files")
+         f"-> {len(summary.files)} files")
     for uri in summary.files:
         _out(f"  {uri}")
 
