@@ -260,7 +260,7 @@ class _ChunkRun:
         """The model's detections and the seconds it took: timed once this chunk has the model's turn."""
         with self.ctx.model_turn:
             start = time.perf_counter()
-            found = _segment(self.ctx.runtime, batch, self.spec.thresholds)
+            found = _segment_by_prompt_kind(self.ctx.runtime, batch, self.spec.thresholds)
             return found, time.perf_counter() - start
 
     def run_single(self, entry: LoadedImage) -> None:
@@ -326,7 +326,9 @@ def _with_fitted_prompts(loaded: LoadedImage) -> LoadedImage:
 Segmented = list[tuple[list[PromptDetections], list[PromptDetections]]]  # per image: concepts, objects
 
 
-def _segment(runtime: SegmentationRuntime, batch: list[LoadedImage], thresholds: Thresholds) -> Segmented:
+def _segment_by_prompt_kind(
+    runtime: SegmentationRuntime, batch: list[LoadedImage], thresholds: Thresholds
+) -> Segmented:
     """Text prompts alone go through ``segment``; a batch with visual prompts through ``segment_visual``."""
     if not any(has_visual_prompts(b.prompts, b.objects) for b in batch):
         texts = [[p for p in b.prompts if isinstance(p, str)] for b in batch]

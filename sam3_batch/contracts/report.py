@@ -79,13 +79,14 @@ def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobR
     account = account_job(store, job_id)
     if not account.ended or not store.claim_report(job_id):
         return None
+    spec = store.spec(job_id)
     written = False
     try:
         processed = account.counters.done + account.counters.failed  # none: cancelled or failed early, no index
-        index, commit = _compact(storage, store.spec(job_id).output_root, job_id) if processed else (None, None)
+        index, commit = _compact(storage, spec.output_root, job_id) if processed else (None, None)
         report = write_report(store, storage, job_id, index, commit)
         written = True
     finally:
         store.settle_report(job_id, written)
-    store.expire(job_id, store.spec(job_id).state_ttl_s)
+    store.expire(job_id, spec.state_ttl_s)
     return report
