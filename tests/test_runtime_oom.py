@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-from sam3_batch.contracts.schemas import Thresholds
+from sam3_batch.contracts.schemas import ConceptPrompt, ObjectPrompt, PromptSpec, Thresholds
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime, _Rows
+from sam3_batch.worker.visual_prompts import VisualRequest
 from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, assert_same_detections, scene_image
 
 THRESHOLDS = Thresholds(score=0.05, mask=0.5)
@@ -50,7 +51,19 @@ def _capped(runtime: Sam3Runtime, max_images: int, max_rows: int = 1_000_000) ->
     )
     capped.max_images, capped.max_rows = max_images, max_rows
     capped.attempts, capped.row_attempts = [], []
+    capped.visual.use_tracker(runtime.visual.tracker())  # the same tracker: its ViT is the model's
     return capped
+
+
+def _visual_requests(sizes_hw: list[tuple[int, int]]) -> list[VisualRequest]:
+    """Per image: a text prompt, an exemplar prompt (one negative box), and a box object and a click object."""
+    requests = []
+    for h, w in sizes_hw:
+        disc, rect = (0.15 * w, 0.3 * h, 0.55 * w, 0.85 * h), (0.6 * w, 0.1 * h, 0.92 * w, 0.45 * h)
+        prompts: list[PromptSpec] = ["cat", ConceptPrompt(text="shape", boxes=[disc, rect], box_labels=[1, 0])]
+        objects = [ObjectPrompt(box=rect), ObjectPrompt(points=[(0.35 * w, 0.6 * h)])]
+        requests.append(VisualRequest(prompts, objects))
+    return requests
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +145,34 @@ def test_one_row_that_runs_out_of_memory_raises(tiny_runtime: Sam3Runtime, five_
     with pytest.raises(torch.OutOfMemoryError):
         capped.segment(five_images[:1], [["cat", "dog"]], THRESHOLDS)
     assert capped.row_attempts == [2, 1]
+
+
+def test_a_visual_prompt_batch_that_runs_out_of_memory_is_split_like_text_and_gives_the_same_results(
+    tiny_runtime: Sam3Runtime, five_images: list[PreparedImage]
+) -> None:
+    requests = _visual_requests([image.original_size_hw for image in five_images])
+    expected = tiny_runtime.segment_visual(five_images, requests, THRESHOLDS)
+    capped = _capped(tiny_runtime, max_images=2)
+
+    results = capped.segment_visual(five_images, requests, THRESHOLDS)
+
+    assert capped.attempts == [5, 2, 3, 1, 2]  # halves, as the text path does; never one image at a time
+    compared = 0
+    for i, (found, wanted) in enumerate(zip(results, expected, strict=True)):
+        assert len(found.concepts) == 2 and len(found.objects) == 2
+        for j, detections in enumerate(found.concepts + found.objects):
+            reference = (wanted.concepts + wanted.objects)[j]
+            assert_same_detections(detections, reference, f"image {i} prompt {j}", BATCHED_MASK_TOLERANCE)
+            compared += len(reference)
+    assert compared > 0
+
+
+def test_a_single_image_with_visual_prompts_that_runs_out_of_memory_raises(
+    tiny_runtime: Sam3Runtime, five_images: list[PreparedImage]
+) -> None:
+    capped = _capped(tiny_runtime, max_images=0)
+
+    with pytest.raises(torch.OutOfMemoryError):
+        capped.segment_visual(five_images[:3], _visual_requests([i.original_size_hw for i in five_images[:3]]),
+                              THRESHOLDS)
+    assert capped.attempts == [3, 1]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import PIL.Image
 import torch
@@ -31,6 +32,9 @@ from sam3_batch.worker.visual_prompts import VisualRequest, VisualResult
 from sam3_batch.worker.visual_runtime import VisualSegmenter
 
 logger = logging.getLogger(__name__)
+
+_Asked = TypeVar("_Asked")  # what one image is asked (its prompts, or its visual request)
+_Found = TypeVar("_Found")  # what one image gives back
 
 TEXT_CACHE_SIZE = 4096  # prompts; ~16 KB each for the full model in bf16
 
@@ -154,8 +158,11 @@ class Sam3Runtime:
         self._model_lock = threading.Lock()
         # Most (image, prompt) rows one detector pass may take: None until an out-of-memory error sets it.
         self.row_limit: int | None = None
+        # The visual path asks for its vision pass through _vision_features too: one place that can run
+        # out of memory on the vision encoder, whichever kind of prompt the batch carries.
         self.visual = VisualSegmenter(
-            model, self._text_rows, tracker_source, revision=revision, device=device, dtype=dtype
+            model, self._text_rows, tracker_source, revision=revision, device=device, dtype=dtype,
+            vision_features=self._vision_features,
         )
 
     @classmethod
@@ -229,9 +236,9 @@ class Sam3Runtime:
             raise ValueError(f"got {len(images)} images but {len(requests)} prompt requests")
         if not images:
             return []
-        sizes_hw = [image.original_size_hw for image in images]
         with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
-            return self.visual.segment(self._stack(images), requests, sizes_hw, thresholds)
+            return self._split_on_oom(images, requests, lambda part, asked: self._segment_visual_batch(
+                part, asked, thresholds))
 
     def suggest_batch_size(self, prompts_per_image: int = AUTO_BATCH_PROMPTS, limit: int = AUTO_BATCH_LIMIT) -> int:
         """Images per batch for this device: on CUDA, what fits the free memory, probed with 1 and 2 images.
@@ -282,8 +289,15 @@ class Sam3Runtime:
     def _segment_splitting_on_oom(
         self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
     ) -> list[list[PromptDetections]]:
+        return self._split_on_oom(images, prompts, lambda part, asked: self._segment_batch(part, asked, thresholds))
+
+    def _split_on_oom(
+        self, images: list[PreparedImage], asked: list[_Asked],
+        run: Callable[[list[PreparedImage], list[_Asked]], list[_Found]],
+    ) -> list[_Found]:
+        """``run`` over the batch; out of GPU memory, over its halves, recursively, down to one image."""
         try:
-            return self._segment_batch(images, prompts, thresholds)
+            return run(images, asked)
         except torch.OutOfMemoryError:
             if len(images) == 1:
                 raise
@@ -293,8 +307,14 @@ class Sam3Runtime:
         logger.warning(
             "out of GPU memory on %d images; retrying as %d + %d", len(images), half, len(images) - half
         )
-        first = self._segment_splitting_on_oom(images[:half], prompts[:half], thresholds)
-        return first + self._segment_splitting_on_oom(images[half:], prompts[half:], thresholds)
+        first = self._split_on_oom(images[:half], asked[:half], run)
+        return first + self._split_on_oom(images[half:], asked[half:], run)
+
+    def _segment_visual_batch(
+        self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds
+    ) -> list[VisualResult]:
+        sizes_hw = [image.original_size_hw for image in images]
+        return self.visual.segment(self._stack(images), requests, sizes_hw, thresholds)
 
     def _segment_batch(
         self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds

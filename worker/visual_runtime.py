@@ -49,6 +49,7 @@ class _Row:
 
 
 TextRows = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+VisionFeatures = Callable[[torch.Tensor], Sam3VisionEncoderOutput]
 
 
 class VisualSegmenter:
@@ -57,8 +58,10 @@ class VisualSegmenter:
     def __init__(
         self, model: Sam3Model, text_rows: TextRows, tracker_source: str | Path | None, *,
         revision: str | None, device: torch.device, dtype: torch.dtype,
+        vision_features: VisionFeatures | None = None,
     ) -> None:
         self.model, self.text_rows, self.tracker_source = model, text_rows, tracker_source
+        self.vision_features: VisionFeatures = vision_features or self._own_vision_features
         self.revision, self.device, self.dtype = revision, device, dtype
         self._tracker: Sam3TrackerModel | None = None
         self.shares_vision = False
@@ -68,7 +71,7 @@ class VisualSegmenter:
         thresholds: Thresholds,
     ) -> list[VisualResult]:
         """Segment a batch (pixels already stacked on the device); call under the runtime's model lock."""
-        vision = self.model.get_vision_features(pixel_values=pixel_values)
+        vision = self.vision_features(pixel_values)
         concepts = self._concepts(vision, requests, sizes_hw, thresholds)
         objects: dict[tuple[int, int], PromptDetections] = {}
         if any(request.objects for request in requests):
@@ -158,6 +161,10 @@ class VisualSegmenter:
         )
         names = [f"object:{row.slot}" for row, _ in rows]
         return to_object_detections(outputs, names, sizes, thresholds.mask)
+
+    def _own_vision_features(self, pixel_values: torch.Tensor) -> Sam3VisionEncoderOutput:
+        vision: Sam3VisionEncoderOutput = self.model.get_vision_features(pixel_values=pixel_values)
+        return vision
 
     def _rows_tensor(self, rows: list[tuple[_Row, Any]]) -> torch.Tensor:
         image_of_row = [row.image for row, _ in rows]
