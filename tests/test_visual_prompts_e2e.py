@@ -99,6 +99,23 @@ def _check_against_oracle(metadata: ImageMetadata, oracle: VisualOracle, image: 
         assert metadata.objects[k].score == pytest.approx(float(expected.scores[0]), abs=1e-3)
 
 
+def _check_report_prompt_counts(report: JobReport, metadata: ImageMetadata) -> None:
+    """The report counts the good line's prompts by kind, and its instances by kind and by prompt name."""
+    counts = report.prompt_counts
+    assert counts is not None
+    # "cat"; three prompts with boxes (1 + 2 + 2 of them, one negative); three objects. Failed images add none.
+    assert (counts.text_prompts, counts.exemplar_prompts, counts.exemplar_boxes, counts.negative_boxes,
+            counts.objects) == (1, 3, 5, 1, 3)
+    by_prompt: dict[str, int] = {}
+    for annotation in metadata.annotations:
+        by_prompt[annotation.prompt] = by_prompt.get(annotation.prompt, 0) + 1
+    assert counts.instances_by_prompt == by_prompt
+    kinds = {"text": by_prompt.get("cat", 0), "object": 3,
+             "exemplar": sum(by_prompt.get(name, 0) for name in ["a red disc", "exemplar:2", "shape"])}
+    assert counts.instances_by_kind == {kind: n for kind, n in kinds.items() if n}
+    assert sum(counts.instances_by_kind.values()) == report.instances == len(metadata.annotations)
+
+
 def test_run_with_a_visual_manifest_writes_what_transformers_gives_and_fails_bad_geometry_alone(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -130,6 +147,7 @@ def test_run_with_a_visual_manifest_writes_what_transformers_gives_and_fails_bad
     metadata = ImageMetadata.model_validate_json(Path(layout.metadata_uri).read_text())
     oracle = VisualOracle(tiny_checkpoint)
     _check_against_oracle(metadata, oracle, Image.open(uris["good"]).convert("RGB"), uris["good"])
+    _check_report_prompt_counts(report, metadata)
 
     [part] = (out / "_jobs").glob("*/parts/*.parquet")
     [row] = [r for r in pq.read_table(part).to_pylist() if r["uri"] == metadata.image.uri]

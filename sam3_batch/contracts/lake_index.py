@@ -30,6 +30,7 @@ from sam3_batch.contracts.lake import (
     table_to_parquet,
 )
 from sam3_batch.contracts.layout import PARQUET_SUFFIX, JobLayout, join_uri
+from sam3_batch.contracts.prompt_tally import PromptTally
 from sam3_batch.contracts.storage import ObjectInfo, Storage
 
 ROW_GROUP_ROWS = 10_000  # rows carry masks (RLE strings): a few KB each
@@ -55,10 +56,11 @@ class IndexSummary:
     model_commits: list[str] = field(default_factory=list)  # distinct resolved commits the rows name
     uris: list[str] = field(default_factory=list)
     stale_files_emptied: list[str] = field(default_factory=list)
+    prompts: PromptTally = field(default_factory=PromptTally)
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dict (for ``sam3-batch index --json``)."""
-        return dict(self.__dict__)
+        return {**self.__dict__, "prompts": self.prompts.counts().model_dump()}
 
 
 def _hash(out_key: str) -> int:
@@ -139,6 +141,7 @@ def _batches(storage: Storage, parts: list[ObjectInfo], dedup: _Deduplicator,
         summary.done += done
         summary.failed += kept.num_rows - done
         summary.instances += int(pc.sum(kept.column("instance_count")).as_py() or 0)
+        summary.prompts.add(kept)
         for commit in pc.unique(kept.column("model_commit").drop_null()).to_pylist():
             if commit not in summary.model_commits:
                 summary.model_commits.append(commit)

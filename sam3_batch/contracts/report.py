@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from importlib import metadata
 
 from sam3_batch.contracts.accounting import account_job
 from sam3_batch.contracts.jobstate import JobStore
 from sam3_batch.contracts.layout import report_uri as report_uri
-from sam3_batch.contracts.schemas import IndexInfo, JobReport, ModelInfo
+from sam3_batch.contracts.schemas import IndexInfo, JobReport, ModelInfo, PromptCounts
 from sam3_batch.contracts.storage import Storage
 
 REPORT_FAILURE_LIMIT = 100_000
@@ -28,7 +29,7 @@ def software_versions() -> dict[str, str]:
 
 
 def build_report(store: JobStore, job_id: str, index: IndexInfo | None = None,
-                 model_commit: str | None = None) -> JobReport:
+                 model_commit: str | None = None, prompt_counts: PromptCounts | None = None) -> JobReport:
     """A snapshot of the job: counts, failures with reasons, throughput, model, GPU-seconds, options."""
     spec = store.spec(job_id)
     account = account_job(store, job_id)
@@ -42,31 +43,38 @@ def build_report(store: JobStore, job_id: str, index: IndexInfo | None = None,
         gpu_seconds=account.stats.model_seconds,
         failures=store.failures(job_id, limit=REPORT_FAILURE_LIMIT), error=account.stats.error,
         instances=index.instances if index else None, thresholds=spec.thresholds, outputs=spec.outputs,
-        model_commit=commit, software=software_versions(), index=index,
+        model_commit=commit, software=software_versions(), index=index, prompt_counts=prompt_counts,
     )
 
 
 def write_report(store: JobStore, storage: Storage, job_id: str, index: IndexInfo | None = None,
-                 model_commit: str | None = None) -> JobReport:
+                 model_commit: str | None = None, prompt_counts: PromptCounts | None = None) -> JobReport:
     """Build the report and write it under the job's folder in the output root."""
-    report = build_report(store, job_id, index, model_commit)
+    report = build_report(store, job_id, index, model_commit, prompt_counts)
     data = report.model_dump_json(indent=2).encode()
     storage.write_bytes(report_uri(report.output_root, job_id), data, "application/json")
     return report
 
 
-def _compact(storage: Storage, output_root: str, job_id: str) -> tuple[IndexInfo | None, str | None]:
-    """The job's index, compacted now; (None, None) if that fails (the report is written regardless)."""
+@dataclass(frozen=True)
+class _Compacted:
+    index: IndexInfo | None = None
+    commit: str | None = None
+    prompt_counts: PromptCounts | None = None
+
+
+def _compact(storage: Storage, output_root: str, job_id: str) -> _Compacted:
+    """The job's index, compacted now; nothing known if that fails (the report is written regardless)."""
     from sam3_batch.contracts.lake_index import compact_index  # pyarrow: only when a job ends
 
     try:
         summary = compact_index(storage, output_root, job_id)
     except Exception as exc:  # the report matters more than the index, which `sam3-batch index` can redo
         log.warning("job %s: the Parquet index could not be compacted: %s", job_id, exc)
-        return None, None
+        return _Compacted()
     commit = summary.model_commits[0] if len(summary.model_commits) == 1 else None
     info = IndexInfo(dir=summary.index_dir, files=summary.uris, images=summary.images, instances=summary.instances)
-    return info, commit
+    return _Compacted(info, commit, summary.prompts.counts())
 
 
 def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobReport | None:
@@ -83,8 +91,8 @@ def finalize_if_complete(store: JobStore, storage: Storage, job_id: str) -> JobR
     written = False
     try:
         processed = account.counters.done + account.counters.failed  # none: cancelled or failed early, no index
-        index, commit = _compact(storage, spec.output_root, job_id) if processed else (None, None)
-        report = write_report(store, storage, job_id, index, commit)
+        found = _compact(storage, spec.output_root, job_id) if processed else _Compacted()
+        report = write_report(store, storage, job_id, found.index, found.commit, found.prompt_counts)
         written = True
     finally:
         store.settle_report(job_id, written)

@@ -327,6 +327,19 @@ class Failure(_Strict):
     out_key: str | None = None
 
 
+class PromptCounts(_Strict):
+    """What the job's images were asked and what each kind of prompt found (from the index, done images)."""
+
+    text_prompts: int = 0  # (image, prompt) pairs with text alone
+    exemplar_prompts: int = 0  # (image, prompt) pairs with exemplar boxes (with or without text)
+    exemplar_boxes: int = 0
+    negative_boxes: int = 0
+    objects: int = 0  # point/box object prompts
+    instances_by_kind: dict[str, int] = Field(default_factory=dict)  # text | exemplar | object
+    # Per annotation ``prompt`` name (text, ``exemplar:N``, ``object:N``); the most frequent names only.
+    instances_by_prompt: dict[str, int] = Field(default_factory=dict)
+
+
 class IndexInfo(_Strict):
     """Where the job's compacted Parquet index is (written automatically when the job completes)."""
 
@@ -362,3 +375,4 @@ class JobReport(_Strict):
     software: dict[str, str] = Field(default_factory=dict)  # sam3-batch, torch, transformers versions
     index: IndexInfo | None = None
     error: str | None = None  # why the job as a whole failed
+    prompt_counts: PromptCounts | None = None  # from the index; None when no index was written
