@@ -73,6 +73,12 @@ def test_worker_metrics_count_every_image_stage_batch_and_model_load(
     assert sample_value(samples, "sam3_instances_total") == instances > 0
     assert sample_value(samples, "sam3_read_bytes_total") == sum(
         len(image_bytes_factory(kind)) for kind in IMAGES.values())
+    stored = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]
+    outputs = sum(o["Size"] for o in stored if "/_jobs/" not in f"/{o['Key']}")
+    parts = sum(o["Size"] for o in stored if "/parts/" in o["Key"])
+    assert outputs > 0 and parts > 0
+    assert sample_value(samples, "sam3_written_bytes_total", kind="output") == outputs  # counted in writers
+    assert sample_value(samples, "sam3_written_bytes_total", kind="part") == parts
     assert 0 < time.time() - sample_value(samples, "sam3_last_chunk_finished_timestamp_seconds") < 600
     assert (sample_value(samples, "sam3_queue_chunks"), sample_value(samples, "sam3_chunks_in_flight")) == (0, 0)
     build = next(labels for (name, labels) in samples if name == "sam3_build_info")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from sam3_batch.contracts.jobstate import JobStore
-from sam3_batch.contracts.lake import write_chunk_part
+from sam3_batch.contracts.lake import PARQUET_CONTENT_TYPE, encode_chunk_part
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker import metrics
 from sam3_batch.worker.pipeline import ChunkResult
 
 
@@ -17,7 +18,10 @@ def record_chunk(store: JobStore, storage: Storage, spec: JobSpec, chunk: ChunkM
     part (named by the chunk id) is then written again, never twice. ``commit`` is the model commit that
     made the outputs; with ``generation``, a chunk of an older plan raises StaleGenerationError instead.
     """
-    write_chunk_part(storage, spec, chunk.chunk_id, result.outcomes, result.metadata)
+    part = encode_chunk_part(spec, chunk.chunk_id, result.outcomes, result.metadata)
+    if part is not None:
+        storage.write_bytes(part[0], part[1], PARQUET_CONTENT_TYPE)
+        metrics.BYTES_WRITTEN.labels(kind="part").inc(len(part[1]))
     if commit:
         store.note_model_commit(chunk.job_id, commit)
     return store.record_chunk(chunk.job_id, chunk.chunk_id, result.outcomes, result.model_seconds,

@@ -22,7 +22,7 @@ from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import RgbPixels, decode_image, limit_pillow_pixels, rgb_pixels
 from sam3_batch.worker.model_input import PreparedImage, Preparer
-from sam3_batch.worker.writer import WriteRequest, write_image_outputs
+from sam3_batch.worker.writer import WriteRequest, write_counted_outputs
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class WrittenImage:
 
     metadata: ImageMetadata
     seconds: float
+    bytes_written: int = 0  # counted where the write ran (a writer process): the worker adds it to its metrics
 
 
 LoadResult = LoadedImage | AlreadyDone | StageFailure
@@ -141,10 +142,11 @@ def write_image(storage: Storage, request: WriteRequest) -> WriteResult:
     """Encode and upload one image's outputs, metadata last."""
     start = time.perf_counter()
     try:
-        metadata = write_image_outputs(request, storage)
+        written = write_counted_outputs(request, storage)
     except Exception as exc:
         return StageFailure.of(exc)
-    return WrittenImage(metadata=metadata, seconds=time.perf_counter() - start)
+    return WrittenImage(metadata=written.metadata, seconds=time.perf_counter() - start,
+                        bytes_written=written.bytes_written)
 
 
 def _existing_result(item: WorkItem, check: DoneCheck, storage: Storage) -> AlreadyDone | None:

@@ -28,6 +28,11 @@ DEVICE_FALLBACK_CPU = Gauge(
     "sam3_device_fallback_cpu", "1 when device=auto fell back to the CPU on a machine that shows an NVIDIA GPU"
 )
 BYTES_READ = Counter("sam3_read_bytes_total", "Input image bytes read")
+BYTES_WRITTEN = Counter(
+    "sam3_written_bytes_total",
+    "Bytes written to the output root, by kind (output: per-image files written by the writers; part: Parquet)",
+    ["kind"],
+)
 LAST_CHUNK_FINISHED = Gauge(
     "sam3_last_chunk_finished_timestamp_seconds", "Unix time the worker last finished a chunk (stall alerts)"
 )

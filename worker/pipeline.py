@@ -308,6 +308,7 @@ class _ChunkRun:
             return
         assert isinstance(written, WrittenImage)
         metrics.observe_stage("encode_upload", written.seconds)
+        metrics.BYTES_WRITTEN.labels(kind="output").inc(written.bytes_written)
         self.done(item, written.metadata)
         metrics.count_image("done", len(written.metadata.annotations))
 

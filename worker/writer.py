@@ -137,17 +137,22 @@ def _object_summaries(request: WriteRequest) -> list[ObjectSummary]:
     ]
 
 
-def _write_png_masks(request: WriteRequest, layout: OutputLayout, storage: Storage) -> None:
+def _write_png_masks(request: WriteRequest, layout: OutputLayout, storage: Storage) -> int:
+    written = 0
     for prompt_index, found in enumerate(request.detections):
         for instance_index in range(len(found)):
             data = encode_png_mask(found.masks[instance_index])
             storage.write_bytes(layout.mask_png_uri(prompt_index, instance_index), data, "image/png")
+            written += len(data)
     for object_index, found in enumerate(request.object_detections):
         for mask in found.masks:  # one per object
-            storage.write_bytes(layout.object_png_uri(object_index), encode_png_mask(mask), "image/png")
+            data = encode_png_mask(mask)
+            storage.write_bytes(layout.object_png_uri(object_index), data, "image/png")
+            written += len(data)
+    return written
 
 
-def _write_masked_image(request: WriteRequest, layout: OutputLayout, storage: Storage) -> str:
+def _write_masked_image(request: WriteRequest, layout: OutputLayout, storage: Storage) -> tuple[str, int]:
     if request.rgb is None:
         raise ValueError("the masked image needs the image's pixels: build the WriteRequest with them")
     fmt = request.spec.outputs.output_format
@@ -163,7 +168,7 @@ def _write_masked_image(request: WriteRequest, layout: OutputLayout, storage: St
         stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
         data = encode_masked_image(image, union_of(stacked), fmt)
     storage.write_bytes(uri, data, _CONTENT_TYPES[fmt])
-    return uri
+    return uri, len(data)
 
 
 def build_metadata(request: WriteRequest, layout: OutputLayout, masked_uri: str | None) -> ImageMetadata:
@@ -183,12 +188,28 @@ def build_metadata(request: WriteRequest, layout: OutputLayout, masked_uri: str 
     )
 
 
+@dataclass(frozen=True)
+class WrittenOutputs:
+    """An image's metadata as written, and the bytes of every object written for it (metadata included)."""
+
+    metadata: ImageMetadata
+    bytes_written: int
+
+
 def write_image_outputs(request: WriteRequest, storage: Storage) -> ImageMetadata:
     """Write PNG masks and the masked image first, then the metadata JSON that marks the image done."""
+    return write_counted_outputs(request, storage).metadata
+
+
+def write_counted_outputs(request: WriteRequest, storage: Storage) -> WrittenOutputs:
+    """``write_image_outputs``, also counting the bytes written (the writer process returns the count)."""
     layout = OutputLayout(request.spec.output_root, request.item.out_key)
-    if request.spec.outputs.png_masks:
-        _write_png_masks(request, layout, storage)
-    masked_uri = _write_masked_image(request, layout, storage) if request.spec.outputs.masked_image else None
+    written = _write_png_masks(request, layout, storage) if request.spec.outputs.png_masks else 0
+    masked_uri = None
+    if request.spec.outputs.masked_image:
+        masked_uri, masked_bytes = _write_masked_image(request, layout, storage)
+        written += masked_bytes
     metadata = build_metadata(request, layout, masked_uri)
-    storage.write_bytes(layout.metadata_uri, metadata.model_dump_json().encode(), "application/json")
-    return metadata
+    document = metadata.model_dump_json().encode()
+    storage.write_bytes(layout.metadata_uri, document, "application/json")
+    return WrittenOutputs(metadata, written + len(document))

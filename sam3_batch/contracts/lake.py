@@ -139,15 +139,24 @@ def table_to_parquet(table: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
+def encode_chunk_part(
+    spec: JobSpec, chunk_id: str, outcomes: Sequence[ItemOutcome], metadata: Sequence[ImageMetadata],
+) -> tuple[str, bytes] | None:
+    """A chunk's images (done and failed) as the URI and bytes of one Parquet part; None when it has none."""
+    rows = chunk_rows(spec, chunk_id, outcomes, metadata)
+    if not rows:
+        return None
+    table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+    return part_uri(spec.output_root, spec.job_id, chunk_id), table_to_parquet(table)
+
+
 def write_chunk_part(
     storage: Storage, spec: JobSpec, chunk_id: str, outcomes: Sequence[ItemOutcome],
     metadata: Sequence[ImageMetadata],
 ) -> str | None:
     """Write a chunk's images (done and failed) as one Parquet part; its URI, or None when it has none."""
-    rows = chunk_rows(spec, chunk_id, outcomes, metadata)
-    if not rows:
+    part = encode_chunk_part(spec, chunk_id, outcomes, metadata)
+    if part is None:
         return None
-    uri = part_uri(spec.output_root, spec.job_id, chunk_id)
-    table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
-    storage.write_bytes(uri, table_to_parquet(table), PARQUET_CONTENT_TYPE)
-    return uri
+    storage.write_bytes(part[0], part[1], PARQUET_CONTENT_TYPE)
+    return part[0]
