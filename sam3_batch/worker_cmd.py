@@ -46,6 +46,12 @@ def _load_and_warm(settings: Settings) -> WorkerEntry:
                        commit=getattr(runtime, "commit", None))
 
 
+def _load_and_warm_child(settings: Settings, forked: health.ForkedReadiness) -> None:
+    """In a prefork child: load and warm its model, then tell the parent's /readyz through shared memory."""
+    _load_and_warm(settings)
+    forked.mark_ready(os.getpid())
+
+
 def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run the worker until it is told to stop (SIGTERM: warm shutdown, the chunk in hand finishes)."""
     app = configure_app(settings)
@@ -58,9 +64,9 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     node = hostname or f"sam3@{socket.gethostname()}"
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
-        # The probes are served by the parent, which sees no child's model: it reports ready at once.
-        worker_process_init.connect(lambda **_: init_worker_context(settings), weak=False)
-        health.HEALTH.set_ready()
+        # The probes are served by the parent: it is ready once every child has loaded and warmed its model.
+        forked = health.HEALTH.expect_children(concurrency)
+        worker_process_init.connect(lambda **_: _load_and_warm_child(settings, forked), weak=False)
         entry = WorkerEntry(hostname="", model_id=settings.model, revision=settings.model_revision)
     else:
         entry = _load_and_warm(settings)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,7 +18,7 @@ import pytest
 
 from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.settings import Settings
-from sam3_batch.worker.health import Health
+from sam3_batch.worker.health import ForkedReadiness, Health
 from sam3_batch.worker.tasks import retry_countdown
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.metrics import sample_value, scrape
@@ -107,6 +110,56 @@ def test_a_worker_whose_model_load_hangs_is_alive_but_never_ready(
         assert probe(port, "/readyz") == (503, "model not loaded yet\n"), worker.log()[-3000:]
         assert probe(port, "/healthz") == (200, "alive\n")
     assert worker.alive() and "worker ready" not in worker.log()
+
+
+def _ready_child(forked: ForkedReadiness) -> None:
+    forked.mark_ready(os.getpid())
+    time.sleep(120)  # a pool child holding its model; the test kills it
+
+
+def test_a_prefork_parent_is_ready_only_while_every_child_has_loaded_its_model() -> None:
+    health = Health(stale_s=10, chunk_limit_s=30)
+    forked = health.expect_children(2)  # before the fork, as the worker command does
+    assert health.readiness() == (False, "model loaded and warm in 0 of 2 pool processes")
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_ready_child, args=(forked,), daemon=True) for _ in range(2)]
+    try:
+        children[0].start()
+        wait_until(lambda: forked.ready_children() == 1, 30, "the first child to report ready")
+        assert health.readiness() == (False, "model loaded and warm in 1 of 2 pool processes")
+        children[1].start()
+        wait_until(lambda: health.readiness()[0], 30, "both children to report ready")
+        assert health.readiness() == (True, "model loaded and warm in 2 of 2 pool processes")
+        children[0].kill()
+        children[0].join(10)
+        # A replacement child would still be loading: the parent is not ready until it is warm too.
+        assert health.readiness() == (False, "model loaded and warm in 1 of 2 pool processes")
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.kill()
+            child.join(10)
+
+
+@pytest.mark.slow
+def test_a_prefork_worker_is_ready_when_its_child_has_loaded_the_model_and_not_while_the_load_hangs(
+    settings_factory: Callable[..., Settings], tiny_checkpoint: Path, worker_factory: Any,
+    silent_server: SilentServer, tmp_path: Path,
+) -> None:
+    hung_port, port = free_port(), free_port()
+    hung = worker_factory(settings_factory(model="example-org/stalled-model", device="cpu", metrics_port=hung_port),
+                          name="hung", pool="prefork", HF_ENDPOINT=f"http://127.0.0.1:{silent_server.port}",
+                          HF_HUB_OFFLINE="0", HF_HUB_ETAG_TIMEOUT="600", HF_HUB_DOWNLOAD_TIMEOUT="600",
+                          HF_HOME=str(tmp_path / "hf-home"))
+    worker_factory(settings_factory(model=str(tiny_checkpoint), device="cpu", metrics_port=port), pool="prefork")
+
+    wait_until(lambda: probe(port, "/readyz") == (200, "model loaded and warm in 1 of 1 pool processes\n"), 180,
+               "the prefork worker's child to load its model")
+    wait_until(lambda: silent_server.held, 120, "the hung worker's child to ask the (stalled) hub for the model",
+               details=lambda: hung.log()[-3000:])
+    for _ in range(3):  # the parent answers the probes, and its only child is still loading
+        assert probe(hung_port, "/readyz") == (503, "model loaded and warm in 0 of 1 pool processes\n")
+        assert probe(hung_port, "/healthz") == (200, "alive\n")
 
 
 def test_liveness_rules_between_and_inside_chunks() -> None:

@@ -2,12 +2,15 @@
 
 Liveness: while a chunk runs, the worker is alive until that chunk has run longer than a limit (a hung
 download, a hung CUDA call); between chunks, the consumer loop (or the task path) must have beaten within
-``stale_s``. Readiness: the resident model is loaded and one warm-up batch went through it.
+``stale_s``. Readiness: the resident model is loaded and one warm-up batch went through it. With the prefork
+pool the probes are served by the parent, which never loads a model: it is ready when every pool child
+has loaded and warmed its own (``ForkedReadiness``, shared memory the children inherit at the fork).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -20,10 +23,39 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from sam3_batch.contracts.errors import reason_of
+from sam3_batch.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class ForkedReadiness:
+    """The pids of pool children whose model is loaded and warm, in shared memory made before the fork.
+
+    A child that dies drops out by itself (its pid no longer lives), so a replacement child that is still
+    loading makes the parent unready until it, too, is warm.
+    """
+
+    def __init__(self, children: int) -> None:
+        self.children = children
+        # Room for replacements: a dead child's slot is reused, so a few spare slots are plenty.
+        self._pids = multiprocessing.Array("q", max(2 * children, children + 4))
+
+    def mark_ready(self, pid: int) -> None:
+        """Called by a child once its model is warm."""
+        with self._pids.get_lock():
+            slots = self._pids[:]
+            if pid in slots:
+                return
+            free = next((i for i, held in enumerate(slots) if held == 0 or not pid_alive(held)), None)
+            if free is not None:
+                self._pids[free] = pid
+
+    def ready_children(self) -> int:
+        with self._pids.get_lock():
+            pids: list[int] = self._pids[:]
+        return len([pid for pid in pids if pid and pid_alive(pid)])
 
 
 class Health:
@@ -35,6 +67,12 @@ class Health:
         self._chunks: dict[str, float] = {}
         self._last_beat: float | None = None  # None until the consumer loop runs (the model may be loading)
         self._ready = False
+        self.forked: ForkedReadiness | None = None  # set (before the fork) for the prefork pool
+
+    def expect_children(self, children: int) -> ForkedReadiness:
+        """Readiness comes from ``children`` forked pool children from now on (call before they fork)."""
+        self.forked = ForkedReadiness(children)
+        return self.forked
 
     def configure(self, stale_s: float, chunk_limit_s: float) -> None:
         self.stale_s, self.chunk_limit_s = stale_s, chunk_limit_s
@@ -75,6 +113,11 @@ class Health:
         return True, "alive"
 
     def readiness(self) -> tuple[bool, str]:
+        if self.forked is not None:
+            ready, wanted = self.forked.ready_children(), self.forked.children
+            if ready >= wanted:
+                return True, f"model loaded and warm in {ready} of {wanted} pool processes"
+            return False, f"model loaded and warm in {ready} of {wanted} pool processes"
         return (True, "model loaded and warm") if self._ready else (False, "model not loaded yet")
 
 
