@@ -122,8 +122,9 @@ def submit(request: JobRequest, settings: Settings, resume_job: str | None = Non
         RedisJobStore.interactive(settings.broker_url.get_secret_value())
     store = RedisJobStore(settings.state_redis_url())
     spec = store.spec(resume_job) if resume_job else validate_request(request, settings)
-    refusal = model_refusal(live_workers(store.client, settings.queue), settings.queue, spec.model_id,
-                            spec.model_revision)
+    # Workers beat on the broker's Redis (contracts/registry.py), next to the queue they serve.
+    refusal = model_refusal(live_workers(_broker_client(settings, store), settings.queue), settings.queue,
+                            spec.model_id, spec.model_revision)
     if refusal:
         raise Sam3BatchError(refusal)
     if resume_job:

@@ -14,7 +14,7 @@ from celery.signals import worker_process_init
 from celery.utils.nodenames import host_format
 
 from sam3_batch.contracts.jobstate import RedisJobStore
-from sam3_batch.contracts.registry import WorkerEntry, register_worker, unregister_worker
+from sam3_batch.contracts.registry import WorkerEntry
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.logs import json_line
@@ -58,19 +58,22 @@ def start_worker(settings: Settings, *, pool: str, concurrency: int, loglevel: s
     health.HEALTH.configure(settings.health_stale_s, settings.health_chunk_limit_s)
     if settings.metrics_port:  # /metrics, /healthz and /readyz answer while the model loads
         health.serve(health.HEALTH, settings.metrics_port)
-    # Heartbeat + reaper: a dead worker's chunks go back on the queue in seconds (worker/liveness.py).
-    if settings.worker_heartbeat:
-        Liveness(app, settings).start()
     node = hostname or f"sam3@{socket.gethostname()}"
+    # The one heartbeat in Redis: it tells `submit` this worker's model, and with the reaper a dead worker's
+    # chunks go back on the queue in seconds (worker/liveness.py).
+    entry = WorkerEntry(hostname=host_format(node), model_id=settings.model, revision=settings.model_revision)
+    liveness = Liveness(app, settings, entry, reap=settings.worker_heartbeat)
+    liveness.start()
     if pool == "prefork":
         # CUDA must not be touched in the forked parent: each child loads its own model after the fork.
         # The probes are served by the parent: it is ready once every child has loaded and warmed its model.
         forked = health.HEALTH.expect_children(concurrency)
         worker_process_init.connect(lambda **_: _load_and_warm_child(settings, forked), weak=False)
-        entry = WorkerEntry(hostname="", model_id=settings.model, revision=settings.model_revision)
     else:
-        entry = _load_and_warm(settings)
-    _heartbeat_with_registry(app.steps["worker"], settings, entry.model_copy(update={"hostname": host_format(node)}))
+        entry = _load_and_warm(settings).model_copy(update={"hostname": entry.hostname})
+        liveness.describe(entry)  # with the resolved commit
+    # /healthz: the consumer loop's own beat, in memory (a blocked loop stops beating).
+    app.steps["worker"].add(health.heartbeat_step(health.HEALTH, min(5.0, settings.health_stale_s / 4)))
     _export_gauges(settings, entry)
     argv = [
         "worker", "--queues", settings.queue, "--pool", pool, "--concurrency", str(concurrency),
@@ -109,13 +112,3 @@ def _export_gauges(settings: Settings, entry: WorkerEntry) -> None:
             return float("nan")
 
     metrics.watch_gauges(lambda: float(health.HEALTH.chunks_running()), queue_depth)
-
-
-def _heartbeat_with_registry(steps: set[object], settings: Settings, entry: WorkerEntry) -> None:
-    """Beat for /healthz and keep this worker's model in the queue's registry, which `submit` checks."""
-    client = RedisJobStore(settings.state_redis_url(), retries=1).client
-    steps.add(health.heartbeat_step(
-        health.HEALTH, min(5.0, settings.health_stale_s / 4),
-        on_beat=lambda: register_worker(client, settings.queue, entry),
-        on_stop=lambda: unregister_worker(client, settings.queue, entry.hostname),
-    ))

@@ -43,8 +43,8 @@ def test_submit_checks_the_model_against_live_workers_of_its_queue_and_outputs_r
     settings = settings_factory(model=HUB_MODEL, device="cpu", queue="tiny-models")
     home = offline_hub_cache(tiny_checkpoint, tmp_path / "hf-home")
     worker = worker_factory(settings, HF_HOME=str(home), HF_HUB_OFFLINE="1")
-    state = redis.Redis.from_url(settings.state_redis_url())
-    [entry] = wait_until(lambda: live_workers(state, "tiny-models"), 180, "the worker's registry entry",
+    broker = redis.Redis.from_url(settings.broker_url.get_secret_value())  # where workers beat
+    [entry] = wait_until(lambda: live_workers(broker, "tiny-models"), 180, "the worker's registry entry",
                          details=lambda: worker.log()[-3000:])
     assert (entry.model_id, entry.revision, entry.commit) == (HUB_MODEL, None, COMMIT)
     s3_client.put_object(Bucket=s3_bucket, Key="in/a.jpg", Body=image_bytes_factory("jpeg"))

@@ -22,7 +22,6 @@ from celery import bootsteps
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from sam3_batch.contracts.errors import reason_of
 from sam3_batch.processes import pid_alive
 
 log = logging.getLogger(__name__)
@@ -149,33 +148,21 @@ def serve(health: Health, port: int, addr: str = "0.0.0.0") -> WSGIServer:
     return server
 
 
-def heartbeat_step(health: Health, interval_s: float, on_beat: Callable[[], None] = lambda: None,
-                   on_stop: Callable[[], None] = lambda: None) -> type[bootsteps.StartStopStep]:
+def heartbeat_step(health: Health, interval_s: float) -> type[bootsteps.StartStopStep]:
     """A worker bootstep that beats from the consumer's event loop timer: a blocked loop stops beating.
-    ``on_beat`` (e.g. refreshing this worker's registry entry) runs with each beat; its errors are logged."""
-
-    def beat() -> None:
-        health.beat()
-        try:
-            on_beat()
-        except Exception as exc:  # Redis briefly away: the next beat tries again
-            log.warning("heartbeat: %s", reason_of(exc))
+    In memory only: the worker's heartbeat in Redis is ``worker/liveness.py``'s."""
 
     class Heartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         requires = ("celery.worker.components:Timer",)
 
         def start(self, worker: Any) -> None:
-            beat()
-            self.tref = worker.timer.call_repeatedly(interval_s, beat)
+            health.beat()
+            self.tref = worker.timer.call_repeatedly(interval_s, health.beat)
 
         def stop(self, worker: Any) -> None:
             tref = getattr(self, "tref", None)
             if tref is not None:
                 tref.cancel()
-            try:
-                on_stop()
-            except Exception as exc:
-                log.warning("heartbeat stop: %s", reason_of(exc))
 
     return Heartbeat
 

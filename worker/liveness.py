@@ -1,11 +1,13 @@
-"""Worker heartbeats, and the return of a dead worker's chunks to the queue within seconds.
+"""The worker heartbeat (the only one in Redis: keys in ``contracts/registry.py``), and the return of a
+dead worker's chunks to the queue within seconds.
 
 Kombu's Redis transport keeps every delivered, unacked message in the ``unacked`` hash (and its delivery
 time in ``unacked_index``) until the worker acks it; a worker that dies leaves its chunks there until the
 visibility timeout (an hour by default). Here each worker process
 
-- publishes a heartbeat: ``sam3b:worker:<id>:alive`` with a TTL, refreshed by its own thread (the model
-  never delays it), and records every delivery tag it receives, with the time, in ``…:holds``;
+- publishes a heartbeat: ``sam3b:worker:<id>:alive`` (its queue and model, which `submit` checks) with a
+  TTL, refreshed by its own thread (the model never delays it), and records every delivery tag it
+  receives, with the time, in ``…:holds``;
 - runs a reaper thread: for every known worker whose heartbeat has expired, it puts the chunks that worker
   still holds back on their queue, in one Lua step that re-checks, atomically, that the worker is still
   silent, the message is still unacked and was delivered no later than that worker recorded it (so a
@@ -33,23 +35,24 @@ from celery import Celery
 from celery.signals import task_received, worker_shutdown
 
 from sam3_batch.contracts.errors import reason_of
-from sam3_batch.contracts.jobstate import KEY_PREFIX, RedisJobStore
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.registry import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_TTL_S,
+    WORKERS_KEY,
+    WorkerEntry,
+    alive_key,
+    holds_key,
+)
+from sam3_batch.contracts.registry import beat as publish_beat
 from sam3_batch.contracts.settings import Settings
+
+__all__ = ["HEARTBEAT_INTERVAL_S", "HEARTBEAT_TTL_S", "REAP_INTERVAL_S", "WORKERS_KEY", "Liveness", "alive_key",
+           "holds_key"]
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 3.0
-HEARTBEAT_TTL_S = 12  # four missed beats: a worker silent this long is dead
 REAP_INTERVAL_S = 4.0
-WORKERS_KEY = f"{KEY_PREFIX}:workers"
-
-
-def alive_key(worker_id: str) -> str:
-    return f"{KEY_PREFIX}:worker:{worker_id}:alive"
-
-
-def holds_key(worker_id: str) -> str:
-    return f"{KEY_PREFIX}:worker:{worker_id}:holds"
 
 
 # KEYS: alive, holds, unacked, unacked_index, queue list(s); ARGV: tag, recorded-at, unacked entry, payload.
@@ -79,10 +82,16 @@ return #tags
 
 
 class Liveness:
-    """One worker process's heartbeat and reaper threads (start once, before the worker consumes)."""
+    """One worker process's heartbeat and reaper threads (start once, before the worker consumes).
 
-    def __init__(self, app: Celery, settings: Settings, worker_id: str | None = None) -> None:
-        self.app, self.settings = app, settings
+    With ``reap`` off (``worker_heartbeat`` setting) it still beats, so `submit` sees the worker's model,
+    but records no deliveries and puts back no one's chunks: the visibility timeout alone covers them.
+    """
+
+    def __init__(self, app: Celery, settings: Settings, entry: WorkerEntry, worker_id: str | None = None,
+                 *, reap: bool = True) -> None:
+        self.app, self.settings, self.reaps = app, settings, reap
+        self.entry = entry.model_copy(update={"queue": settings.queue, "pid": os.getpid()})
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.redis: redis.Redis = RedisJobStore(settings.broker_url.get_secret_value()).client
         self._restore = self.redis.register_script(_RESTORE)
@@ -95,20 +104,23 @@ class Liveness:
         A worker is reaped only once it is in the workers set, which its first beat adds together with its
         heartbeat key, so a delivery recorded before that beat is never taken from a live worker.
         """
-        task_received.connect(self._on_received, weak=False)
         worker_shutdown.connect(self._on_shutdown, weak=False)
-        for name, period, step in (("heartbeat", HEARTBEAT_INTERVAL_S, self.beat),
-                                   ("reaper", REAP_INTERVAL_S, self.reap)):
+        steps: list[tuple[str, float, Callable[[], object]]] = [("heartbeat", HEARTBEAT_INTERVAL_S, self.beat)]
+        if self.reaps:
+            task_received.connect(self._on_received, weak=False)
+            steps.append(("reaper", REAP_INTERVAL_S, self.reap))
+        for name, period, step in steps:
             threading.Thread(target=self._every, args=(period, step), name=f"sam3-{name}", daemon=True).start()
+
+    def describe(self, entry: WorkerEntry) -> None:
+        """What the next beats publish (e.g. the model's resolved commit, once the model is loaded)."""
+        self.entry = entry.model_copy(update={"queue": self.settings.queue, "pid": self.entry.pid})
 
     def beat(self) -> None:
         """Refresh this worker's heartbeat and forget the tags it no longer holds."""
-        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "queue": self.settings.queue})
-        with self.redis.pipeline() as pipe:
-            pipe.set(alive_key(self.worker_id), info, ex=HEARTBEAT_TTL_S)
-            pipe.sadd(WORKERS_KEY, self.worker_id)
-            pipe.execute()
-        self._prune(keys=[holds_key(self.worker_id), _unacked_key()])
+        publish_beat(self.redis, self.worker_id, self.entry)
+        if self.reaps:
+            self._prune(keys=[holds_key(self.worker_id), _unacked_key()])
 
     def hold(self, delivery_tag: str) -> None:
         """Record a delivery this worker holds (after kombu recorded it as unacked, with an earlier time)."""

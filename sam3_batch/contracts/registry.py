@@ -1,26 +1,39 @@
-"""Which models the live workers of a queue serve: a Redis hash each worker refreshes while it runs.
+"""The one worker heartbeat in Redis (on the broker's Redis), and what it tells: which workers live, on
+which queue, serving which model.
 
-``submit`` reads it to refuse a job no live worker could run (its every image would fail at once).
+One key family, one writer (``worker/liveness.py``'s heartbeat thread, one per worker):
+
+- ``sam3b:worker:<id>:alive``: this worker's ``WorkerEntry`` as JSON, with a TTL the beat refreshes;
+- ``sam3b:workers``: the ids of the workers that have beaten (the reaper removes dead ones);
+- ``sam3b:worker:<id>:holds``: the delivery tags it holds, for the reaper to put back if it dies.
+
+``submit`` reads the live entries of its queue to refuse a job no live worker could run (every image
+would fail at once); the reaper reads the same keys to find dead workers.
 """
 
 from __future__ import annotations
-
-import time
 
 import redis
 from pydantic import BaseModel, ConfigDict
 
 from sam3_batch.contracts.jobstate import KEY_PREFIX
 
-LIVE_WITHIN_S = 120.0  # a worker refreshes its entry every few seconds; older entries are gone workers
+HEARTBEAT_INTERVAL_S = 3.0
+HEARTBEAT_TTL_S = 12  # four missed beats: a worker silent this long is dead
+WORKERS_KEY = f"{KEY_PREFIX}:workers"
 
 
-def registry_key(queue: str) -> str:
-    return f"{KEY_PREFIX}:workers:{queue}"
+def alive_key(worker_id: str) -> str:
+    return f"{KEY_PREFIX}:worker:{worker_id}:alive"
+
+
+def holds_key(worker_id: str) -> str:
+    return f"{KEY_PREFIX}:worker:{worker_id}:holds"
 
 
 class WorkerEntry(BaseModel):
-    """One worker's model, as it loaded it (``commit``: the resolved hub commit, when known)."""
+    """One worker's heartbeat: where it runs, its queue, and its model as it loaded it (``commit``: the
+    resolved hub commit, when known)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -28,7 +41,8 @@ class WorkerEntry(BaseModel):
     model_id: str
     revision: str | None
     commit: str | None = None
-    seen_at: float = 0.0
+    queue: str = ""
+    pid: int = 0
 
     def serves(self, model_id: str, revision: str | None) -> bool:
         return (self.model_id, self.revision) == (model_id, revision)
@@ -37,24 +51,23 @@ class WorkerEntry(BaseModel):
         return f"{self.model_id} (revision {self.revision})"
 
 
-def register_worker(client: redis.Redis, queue: str, entry: WorkerEntry) -> None:
-    """Add or refresh this worker's entry (called at start-up and then every few seconds)."""
-    fresh = entry.model_copy(update={"seen_at": time.time()})
-    client.hset(registry_key(queue), entry.hostname, fresh.model_dump_json())
+def beat(client: redis.Redis, worker_id: str, entry: WorkerEntry, ttl_s: int = HEARTBEAT_TTL_S) -> None:
+    """Refresh one worker's heartbeat (its entry, with a TTL) and its membership of the workers set."""
+    with client.pipeline() as pipe:
+        pipe.set(alive_key(worker_id), entry.model_dump_json(), ex=ttl_s)
+        pipe.sadd(WORKERS_KEY, worker_id)
+        pipe.execute()
 
 
-def unregister_worker(client: redis.Redis, queue: str, hostname: str) -> None:
-    client.hdel(registry_key(queue), hostname)
-
-
-def live_workers(client: redis.Redis, queue: str, within_s: float = LIVE_WITHIN_S) -> list[WorkerEntry]:
-    """Entries refreshed within ``within_s``; stale ones are removed."""
-    raw: dict[bytes, bytes] = client.hgetall(registry_key(queue))  # type: ignore[assignment]
-    entries = [WorkerEntry.model_validate_json(v) for v in raw.values()]
-    stale = [e.hostname for e in entries if time.time() - e.seen_at > within_s]
-    if stale:
-        client.hdel(registry_key(queue), *stale)
-    return [e for e in entries if e.hostname not in stale]
+def live_workers(client: redis.Redis, queue: str) -> list[WorkerEntry]:
+    """The entries of the workers of ``queue`` whose heartbeat has not expired."""
+    members: set[bytes] = client.smembers(WORKERS_KEY)  # type: ignore[assignment]
+    ids = sorted(m.decode() for m in members)
+    if not ids:
+        return []
+    raw: list[bytes | None] = client.mget([alive_key(i) for i in ids])  # type: ignore[assignment]
+    entries = [WorkerEntry.model_validate_json(value) for value in raw if value is not None]
+    return [entry for entry in entries if entry.queue == queue]
 
 
 def model_refusal(workers: list[WorkerEntry], queue: str, model_id: str, revision: str | None) -> str | None:

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     health_stale_s: float = Field(60.0, gt=0)  # /healthz fails when the consumer loop is silent this long
     health_chunk_limit_s: float = Field(600.0, gt=0)  # ... or one chunk has run longer than this
     task_retries: int = Field(3, ge=0)
-    # Heartbeats: a dead worker's chunks go back on the queue within seconds (off: visibility timeout only).
+    # Reaping on heartbeats: a dead worker's chunks go back on the queue within seconds (off: visibility
+    # timeout only; the heartbeat itself, which `submit` reads for the workers' models, always runs).
     worker_heartbeat: bool = True
 
     # Read only so that redact() can mask it wherever it might appear; boto3 reads AWS_* itself.
