@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -147,6 +148,9 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            rate: Annotated[float | None, typer.Option(
                min=0.001, help="With --dry-run: images/s per GPU (default: the newest complete job's).")] = None,
            max_failed_fraction: MaxFailedFraction = 0.0, progress_every: ProgressEvery = None,
+           expected_images: Annotated[int | None, typer.Option(
+               min=0, help="Images the job will hold (the --dry-run count): ETA from the start, no counting "
+                           "pass (default: a pass that only counts the source, beside the producer).")] = None,
            queue: Queue = None, as_json: JsonOut = False) -> None:
     """Enqueue a job for GPU workers; its id is the first line printed, then progress while feeding."""
     settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision,
@@ -155,6 +159,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
         raise RequestError("--out and at least one --prompt (or a --manifest) are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
                        output_format, skip_existing, masked_style)
+    request = dataclasses.replace(request, expected_images=expected_images)
     if dry_run:
         _print_plan(jobs.dry_run(request, settings, rate), as_json)
         return

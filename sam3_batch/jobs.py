@@ -23,6 +23,7 @@ from sam3_batch.extras import require_worker_extra
 from sam3_batch.producer.backpressure import Backpressure, QueueDepth
 from sam3_batch.producer.dispatch import CeleryDispatcher
 from sam3_batch.producer.done_index import DoneIndex
+from sam3_batch.producer.expected import ExpectedTotal
 from sam3_batch.producer.feed import ProducerSummary, new_job_id, run_producer
 from sam3_batch.producer.inputs import open_source
 from sam3_batch.producer.planner import plan_chunks
@@ -43,6 +44,7 @@ class JobRequest:
     thresholds: Thresholds = field(default_factory=Thresholds)
     outputs: OutputOptions = field(default_factory=OutputOptions)
     skip_existing: bool = False
+    expected_images: int | None = None  # e.g. the `--dry-run` count: the ETA needs no counting pass
 
 
 def build_spec(request: JobRequest, settings: Settings, job_id: str | None = None) -> JobSpec:
@@ -133,15 +135,26 @@ def submit(request: JobRequest, settings: Settings, resume_job: str | None = Non
         store.create(spec)
     on_started(spec)
     storage = Storage(settings)
+    counting: ExpectedTotal | None = None
     try:
-        source = _source_of(spec, storage, request) if resume_job else open_source(
-            storage, request.inputs, request.manifest, exclude_root=spec.output_root)
+        def opened() -> Source:
+            return _source_of(spec, storage, request) if resume_job else open_source(
+                storage, request.inputs, request.manifest, exclude_root=spec.output_root)
+
+        source = opened()
+        if request.expected_images is not None:
+            store.note_expected_total(spec.job_id, request.expected_images)
+        elif not store.counters(spec.job_id).listing_complete:
+            counting = ExpectedTotal.start(store, spec.job_id, opened)
         dispatcher = celery_dispatcher(settings, store)
         return run_producer(spec, source, store, storage, dispatcher, settings.chunk_size,
                             skip_existing=bool(resume_job) or request.skip_existing, on_progress=on_progress)
     except Exception as exc:  # the job cannot go on without its source; Ctrl-C leaves it resumable
         fail_job(store, storage, spec.job_id, reason_of(exc))
         raise
+    finally:
+        if counting is not None:
+            counting.stop()
 
 
 def fail_job(store: JobStore, storage: Storage, job_id: str, reason: str) -> None:

@@ -32,13 +32,16 @@ class JobStatus:
     images_per_second: float
     eta_seconds: float | None
     error: str | None = None
+    # While listing: the total a counting pass (or --expected-images) expects; the ETA rests on it.
+    expected_total: int | None = None
 
     @classmethod
     def of(cls, account: JobAccount) -> JobStatus:
         c = account.counters
         eta = None if account.eta_seconds is None else round(account.eta_seconds, 1)
+        expected = None if c.listing_complete else account.stats.expected_total
         return cls(account.job_id, account.state, c.total, c.done, c.failed, c.skipped, c.listing_complete,
-                   round(account.images_per_second, 3), eta, account.stats.error)
+                   round(account.images_per_second, 3), eta, account.stats.error, expected)
 
     @property
     def ended(self) -> bool:
@@ -68,8 +71,10 @@ def exit_code(status: JobStatus, max_failed_fraction: float = 0.0) -> int:
 
 def describe(status: JobStatus) -> str:
     """The progress part of a status line (plain text, one line)."""
-    eta = f"ETA {status.eta_seconds:.0f}s" if status.eta_seconds is not None else "ETA -"
-    listing = "" if status.listing_complete else " (listing...)"
+    estimated = "~" if not status.listing_complete else ""
+    eta = f"ETA {estimated}{status.eta_seconds:.0f}s" if status.eta_seconds is not None else "ETA -"
+    expected = f", ~{status.expected_total} expected" if status.expected_total is not None else ""
+    listing = "" if status.listing_complete else f" (listing{expected}...)"
     error = f"  error: {status.error}" if status.error else ""
     return (f"done {status.done}  failed {status.failed}  skipped {status.skipped}  "
             f"{status.images_per_second:.1f} img/s  {eta}{listing}{error}")
@@ -149,9 +154,12 @@ class FeedProgress:
         listed = summary.images_enqueued + summary.skipped + summary.problems
         fields = {"job_id": summary.job_id, "event": "feeding", "listed": listed,
                   "enqueued": summary.images_enqueued, "chunks": summary.chunks_sent, "done": status.done,
-                  "failed": status.failed, "images_per_second": status.images_per_second}
+                  "failed": status.failed, "images_per_second": status.images_per_second,
+                  "expected_total": status.expected_total, "eta_seconds": status.eta_seconds}
+        expected = "" if status.expected_total is None else f" of ~{status.expected_total}"
+        eta = "ETA -" if status.eta_seconds is None else f"ETA ~{status.eta_seconds:.0f}s"
         line = json.dumps(fields) if self.as_json else (
-            f"{summary.job_id}  feeding  listed {listed}  enqueued {summary.images_enqueued} "
+            f"{summary.job_id}  feeding  listed {listed}{expected}  enqueued {summary.images_enqueued} "
             f"({summary.chunks_sent} chunks)  done {status.done}  failed {status.failed}  "
-            f"{status.images_per_second:.1f} img/s")
+            f"{status.images_per_second:.1f} img/s  {eta}")
         write_line(self.stream, line)

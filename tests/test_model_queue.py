@@ -44,7 +44,9 @@ def test_submit_checks_the_model_against_live_workers_of_its_queue_and_outputs_r
     home = offline_hub_cache(tiny_checkpoint, tmp_path / "hf-home")
     worker = worker_factory(settings, HF_HOME=str(home), HF_HUB_OFFLINE="1")
     broker = redis.Redis.from_url(settings.broker_url.get_secret_value())  # where workers beat
-    [entry] = wait_until(lambda: live_workers(broker, "tiny-models"), 180, "the worker's registry entry",
+    # The heartbeat starts before the model loads (commit unknown); once loaded it names the resolved commit.
+    [entry] = wait_until(lambda: [e for e in live_workers(broker, "tiny-models") if e.commit], 180,
+                         "the worker's heartbeat with its loaded model's commit",
                          details=lambda: worker.log()[-3000:])
     assert (entry.model_id, entry.revision, entry.commit) == (HUB_MODEL, None, COMMIT)
     s3_client.put_object(Bucket=s3_bucket, Key="in/a.jpg", Body=image_bytes_factory("jpeg"))

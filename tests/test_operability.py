@@ -74,14 +74,19 @@ def test_job_id_is_the_first_line_and_progress_shows_while_the_full_queue_holds_
         arrived, job_id = stdout.next(timeout=60)
         store = RedisJobStore(settings.state_redis_url())
         assert arrived - store.stats(job_id).started_at < 1.0  # printed within a second of the job's creation
-        feeding = stderr.wait_for(lambda line: "feeding" in line and "listed" in line and "1" in line
+        # The counting pass knows the total long before the blocked listing does.
+        feeding = stderr.wait_for(lambda line: "feeding" in line and ("of ~3" in line or '"expected_total": 3' in line)
                                   and "enqueued 0" not in line and '"enqueued": 0' not in line, 60)
         if log_json:
-            assert json.loads(feeding) == {**json.loads(feeding), "job_id": job_id, "listed": 1, "enqueued": 1}
+            assert json.loads(feeding) == {**json.loads(feeding), "job_id": job_id, "listed": 1, "enqueued": 1,
+                                           "expected_total": 3, "eta_seconds": None}  # nothing done: no rate yet
             assert all(json.loads(line) for line in stderr.seen)  # every stderr line is JSON
             assert any(job_id in json.loads(line).get("message", "") for line in stderr.seen)
         else:
-            assert feeding.startswith(f"{job_id}  feeding  listed 1  enqueued 1 (1 chunks)  done 0  failed 0")
+            assert feeding.startswith(
+                f"{job_id}  feeding  listed 1 of ~3  enqueued 1 (1 chunks)  done 0  failed 0  0.0 img/s  ETA -")
+        status = json.loads(run_cli(["status", job_id, "--json"], settings).stdout)
+        assert (status["expected_total"], status["listing_complete"], status["total"]) == (3, False, 1)
         # Still blocked by backpressure: nobody consumes, the listing is not finished.
         assert producer.poll() is None and not store.counters(job_id).listing_complete
         assert redis.Redis.from_url(settings.broker_url.get_secret_value()).llen(settings.queue) == 1

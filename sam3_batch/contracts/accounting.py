@@ -25,7 +25,13 @@ class JobAccount:
     finished_at: float  # the last recorded change for an ended job; now for a running one
     wall_seconds: float
     images_per_second: float  # images processed (done + failed) per wall-clock second
-    eta_seconds: float | None  # None until the listing is complete (the total is still growing)
+    # Before the listing completes, from the expected total (a counting pass) if one is known, else None.
+    eta_seconds: float | None
+
+    @property
+    def eta_estimated(self) -> bool:
+        """The ETA rests on an expected total, not the listed one (the listing is still going)."""
+        return self.eta_seconds is not None and not self.counters.listing_complete
 
     @property
     def ended(self) -> bool:
@@ -55,7 +61,15 @@ def account_job(store: JobStore, job_id: str, now: float | None = None) -> JobAc
     finished = stats.last_update if state != "running" and stats.last_update is not None else now
     wall = max(finished - stats.started_at, 1e-9)
     rate = (counters.done + counters.failed) / wall
-    remaining = max(counters.total - counters.finished, 0)
-    eta = remaining / rate if state == "running" and rate > 0 and counters.listing_complete else None
+    remaining = max(_expected_total(counters, stats) - counters.finished, 0)
+    known = counters.listing_complete or stats.expected_total is not None
+    eta = remaining / rate if state == "running" and rate > 0 and known else None
     return JobAccount(job_id=job_id, state=state, counters=counters, stats=stats, started_at=stats.started_at,
                       finished_at=finished, wall_seconds=wall, images_per_second=rate, eta_seconds=eta)
+
+
+def _expected_total(counters: JobCounters, stats: JobStats) -> int:
+    """The listed total once the listing is complete; before, the larger of the expected and listed totals."""
+    if counters.listing_complete or stats.expected_total is None:
+        return counters.total
+    return max(stats.expected_total, counters.total)

@@ -40,6 +40,7 @@ class JobStats:
     instances: int = 0
     error: str | None = None  # set when the job as a whole failed (e.g. its source could not be opened)
     model_commit: str | None = None  # the hub commit the first worker to record a chunk had loaded
+    expected_total: int | None = None  # images the listing is expected to give (a counting pass, --expected-images)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class JobStore(Protocol):
     def stats(self, job_id: str) -> JobStats: ...
     def set_error(self, job_id: str, reason: str | None) -> None: ...
     def note_model_commit(self, job_id: str, commit: str) -> None: ...
+    def note_expected_total(self, job_id: str, total: int) -> None: ...
     def failures(self, job_id: str, limit: int | None = None) -> list[Failure]: ...
     def checkpoint(self, job_id: str) -> Checkpoint | None: ...
     def cancel(self, job_id: str) -> None: ...
@@ -254,11 +256,16 @@ class RedisJobStore:
             last_update=None if last_update is None else float(last_update),
             model_seconds=float(values.get("model_seconds", 0.0)), instances=int(values.get("instances", 0)),
             error=values.get("error"), model_commit=values.get("model_commit"),
+            expected_total=int(values["expected_total"]) if "expected_total" in values else None,
         )
 
     def note_model_commit(self, job_id: str, commit: str) -> None:
         """Remember the model commit that made the job's outputs (the first one noted stays)."""
         self._redis.hsetnx(job_key(job_id, "counters"), "model_commit", commit)
+
+    def note_expected_total(self, job_id: str, total: int) -> None:
+        """How many images the listing is expected to give, known before it ends (for an early ETA)."""
+        self._redis.hset(job_key(job_id, "counters"), "expected_total", total)
 
     def set_error(self, job_id: str, reason: str | None) -> None:
         """The job as a whole cannot go on: it ends in state ``failed``; None clears it (a resume)."""

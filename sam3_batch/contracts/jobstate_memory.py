@@ -26,6 +26,7 @@ class _Job:
     cancelled: bool = False
     error: str | None = None
     model_commit: str | None = None
+    expected_total: int | None = None
     report_claimed: bool = False
     checkpoint: Checkpoint | None = None
     generation: int = 0
@@ -114,12 +115,15 @@ class MemoryJobStore:
         return JobStats(
             started_at=job.stats.get("started_at", time.time()), last_update=job.stats.get("last_update"),
             model_seconds=job.stats.get("model_seconds", 0.0), instances=int(job.stats.get("instances", 0)),
-            error=job.error, model_commit=job.model_commit,
+            error=job.error, model_commit=job.model_commit, expected_total=job.expected_total,
         )
 
     def note_model_commit(self, job_id: str, commit: str) -> None:
         job = self._job(job_id)
         job.model_commit = job.model_commit or commit
+
+    def note_expected_total(self, job_id: str, total: int) -> None:
+        self._job(job_id).expected_total = total
 
     def set_error(self, job_id: str, reason: str | None) -> None:
         job = self._job(job_id)
