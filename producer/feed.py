@@ -12,6 +12,7 @@ from sam3_batch.contracts.jobstate import Checkpoint, JobStore, PlannedCounts
 from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import JobSpec
 from sam3_batch.contracts.storage import Storage
+from sam3_batch.producer import metrics
 from sam3_batch.producer.dispatch import Dispatcher
 from sam3_batch.producer.done_index import DoneIndex
 from sam3_batch.producer.planner import PlannedChunk, chunk_id_for, plan_chunks
@@ -43,6 +44,29 @@ def _register(store: JobStore, job_id: str, planned: PlannedChunk, generation: i
     )
     checkpoint = Checkpoint(position=planned.last_position, next_seq=planned.seq + 1)
     store.register_chunk(job_id, chunk_id_for(job_id, planned.seq, generation), counts, checkpoint)
+
+
+def _timed_while_waiting(should_stop: Callable[[], bool]) -> Callable[[], bool]:
+    """``should_stop``, also adding the time since its last call to the backpressure counter: backpressure
+    asks it on every poll, so a scrape during a long wait already shows the time waited so far."""
+    last = [time.monotonic()]
+
+    def asked() -> bool:
+        now = time.monotonic()
+        metrics.BACKPRESSURE_SECONDS.inc(now - last[0])
+        last[0] = now
+        return should_stop()
+
+    return asked
+
+
+def _count(planned: PlannedChunk) -> None:
+    images = len(planned.message.items) if planned.message else 0
+    metrics.LISTED.inc(images + planned.skipped + len(planned.problems))
+    metrics.ENQUEUED.inc(images)
+    metrics.CHUNKS.inc(1 if planned.message else 0)
+    metrics.SKIPPED.inc(planned.skipped)
+    metrics.BAD_ENTRIES.inc(len(planned.problems))
 
 
 def run_producer(
@@ -82,14 +106,16 @@ def run_producer(
             log.warning("job %s cancelled: producer stops", job_id)
             return summary
         if planned.message is not None:
-            dispatcher.wait_for_room(cancelled)
+            dispatcher.wait_for_room(_timed_while_waiting(cancelled))
             dispatcher.send(planned.message)
             summary.chunks_sent += 1
             summary.images_enqueued += len(planned.message.items)
         _register(store, job_id, planned, generation)
         summary.skipped += planned.skipped
         summary.problems += len(planned.problems)
+        _count(planned)
     store.mark_listing_complete(job_id)
+    metrics.LISTING_COMPLETE.set(1)
     summary.listing_complete = True
     finalize_if_complete(store, storage, job_id)
     return summary

@@ -22,6 +22,7 @@ from sam3_batch.contracts.settings import Settings
 from sam3_batch.error_boundary import debug_requested, report_and_exit
 from sam3_batch.extras import require_worker_extra
 from sam3_batch.logs import setup_logging
+from sam3_batch.producer import metrics as producer_metrics
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True)
@@ -151,6 +152,8 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            expected_images: Annotated[int | None, typer.Option(
                min=0, help="Images the job will hold (the --dry-run count): ETA from the start, no counting "
                            "pass (default: a pass that only counts the source, beside the producer).")] = None,
+           metrics_port: Annotated[int | None, typer.Option(
+               min=1, max=65535, help="Serve the producer's Prometheus metrics on this port while it runs.")] = None,
            queue: Queue = None, as_json: JsonOut = False) -> None:
     """Enqueue a job for GPU workers; its id is the first line printed, then progress while feeding."""
     settings = _settings(chunk_size=chunk_size, model=model, model_revision=revision,
@@ -163,6 +166,8 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
     if dry_run:
         _print_plan(jobs.dry_run(request, settings, rate), as_json)
         return
+    if metrics_port:
+        producer_metrics.serve(metrics_port)
     store = RedisJobStore(settings.state_redis_url())  # jobs.submit checks Redis first, in seconds
     ticker = progress.FeedProgress(store, sys.stderr, settings.progress_interval_s, settings.log_json)
     summary = jobs.submit(request, settings, resume_job=resume, on_started=lambda spec: _announce(spec, as_json),

@@ -17,7 +17,9 @@ from sam3_batch.contracts.jobstate import RedisJobStore, job_key
 from sam3_batch.contracts.report import report_uri
 from sam3_batch.contracts.schemas import JobReport
 from sam3_batch.contracts.settings import Settings
-from tests.fixtures.workers import run_cli, start_cli, wait_for_job
+from tests.fixtures.metrics import sample_value, scrape
+from tests.fixtures.services import free_port
+from tests.fixtures.workers import run_cli, start_cli, wait_for_job, wait_until
 
 
 class Lines:
@@ -93,6 +95,39 @@ def test_job_id_is_the_first_line_and_progress_shows_while_the_full_queue_holds_
 
         assert run_cli(["cancel", job_id], settings).returncode == 0
         assert producer.wait(timeout=60) == 0  # the cancel releases the waiting producer
+    finally:
+        producer.kill()
+        producer.wait()
+
+
+def test_a_producer_held_by_backpressure_exports_what_it_listed_enqueued_and_how_long_it_waited(
+    settings_factory: Callable[..., Settings], s3_client: Any, s3_bucket: str,
+    image_bytes_factory: Callable[[str], bytes],
+) -> None:
+    settings = settings_factory(chunk_size=1, queue_high_water=1, queue_low_water=0)
+    _put_images(s3_client, s3_bucket, 3, image_bytes_factory("jpeg"))
+    port = free_port()
+    producer = start_cli(["submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", "-p", "cat",
+                          "--metrics-port", str(port)], settings)
+    try:
+        job_id = Lines(producer.stdout).next(timeout=60)[1]
+
+        def waited_a_while() -> Any:
+            try:
+                found = scrape(port)
+            except OSError:  # not listening yet
+                return None
+            return found if sample_value(found, "sam3_producer_backpressure_wait_seconds_total") > 1.0 else None
+
+        samples = wait_until(waited_a_while, 60, "the producer to report time held by backpressure")
+        # One chunk of one image went out; the second waits for room (nobody consumes).
+        assert sample_value(samples, "sam3_producer_listed_images_total") == 1
+        assert sample_value(samples, "sam3_producer_enqueued_images_total") == 1
+        assert sample_value(samples, "sam3_producer_enqueued_chunks_total") == 1
+        assert sample_value(samples, "sam3_producer_skipped_images_total") == 0
+        assert sample_value(samples, "sam3_producer_listing_complete") == 0
+        assert run_cli(["cancel", job_id], settings).returncode == 0
+        assert producer.wait(timeout=60) == 0
     finally:
         producer.kill()
         producer.wait()
