@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from sam3_batch import jobs, progress
@@ -17,7 +18,7 @@ from sam3_batch.contracts.display import printable
 from sam3_batch.contracts.errors import RequestError
 from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.redact import register_secret
-from sam3_batch.contracts.schemas import JobSpec, OutputOptions, Thresholds
+from sam3_batch.contracts.schemas import ConceptPrompt, JobSpec, OutputOptions, Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.error_boundary import debug_requested, report_and_exit
 from sam3_batch.extras import require_worker_extra
@@ -112,17 +113,25 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
         png_masks: PngMasks = SPEC_OUTPUTS.png_masks, masked: Masked = SPEC_OUTPUTS.masked_image,
         output_format: OutputFormat = SPEC_OUTPUTS.output_format, batch_size: BatchSize = None,
         chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, device: Device = None,
-        dtype: Dtype = None, masked_style: MaskedStyle = SPEC_OUTPUTS.masked_style) -> None:
+        dtype: Dtype = None, masked_style: MaskedStyle = SPEC_OUTPUTS.masked_style,
+        box: Annotated[list[str], typer.Option(
+            "--box", help="x0,y0,x1,y1 in pixels (repeatable): one exemplar prompt applied to each image; with "
+                          "one --prompt, that prompt's text goes with the boxes.")] = [],  # noqa: B006
+        box_label: Annotated[list[int], typer.Option(
+            "--box-label", help="1 (positive) or 0 (negative) per --box, in order (default: all 1).")
+        ] = [],  # noqa: B006
+        ) -> None:
     """Segment a folder (or any source) in this process: no Redis, no S3 needed."""
-    if not (prompt or manifest):
+    if not (prompt or manifest or box):
         raise RequestError("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
     settings = _settings(model=model, model_revision=revision, batch_size=batch_size, chunk_size=chunk_size,
                          device=device, dtype=dtype)
     if settings.model == "tiny-random":
         _say(settings, "model tiny-random: random weights, masks are meaningless (smoke test only)")
-    request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
-                       output_format, skip_existing, masked_style)
-    report = jobs.run_embedded(request, settings)
+    exemplar = _exemplar(box, box_label, prompt)
+    request = _request(inputs, [] if exemplar else prompt, out_root, manifest, threshold, mask_threshold,
+                       png_masks, masked, output_format, skip_existing, masked_style)
+    report = jobs.run_embedded(dataclasses.replace(request, exemplar=exemplar), settings)
     c = report.counters
     _say(settings, f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
                    f"in {report.wall_seconds:.1f}s -> {out_root}")
@@ -133,6 +142,29 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
         raise typer.Exit(code=1)
     if c.failed:
         raise typer.Exit(code=2)
+
+
+def _exemplar(boxes: list[str], labels: list[int], prompts: list[str]) -> ConceptPrompt | None:
+    """``--box`` values (and ``--box-label``s, and the one ``--prompt`` as text) as one concept prompt."""
+    if not boxes:
+        if labels:
+            raise RequestError("--box-label needs --box")
+        return None
+    if len(prompts) > 1:
+        raise RequestError("--box goes with at most one --prompt (the exemplar's text)")
+    parsed: list[tuple[float, float, float, float]] = []
+    for value in boxes:
+        parts = value.split(",")
+        try:
+            x0, y0, x1, y1 = (float(part) for part in parts)
+        except ValueError:
+            raise RequestError(f"--box {value!r}: expected four numbers x0,y0,x1,y1 (pixels)") from None
+        parsed.append((x0, y0, x1, y1))
+    try:
+        return ConceptPrompt(text=prompts[0] if prompts else None, boxes=parsed, box_labels=labels or None)
+    except ValidationError as exc:
+        reasons = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
+        raise RequestError(f"--box: {reasons}") from None
 
 
 @app.command()

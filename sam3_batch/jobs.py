@@ -16,7 +16,15 @@ from sam3_batch.contracts.jobstate import JobStore, RedisJobStore
 from sam3_batch.contracts.jobstate_memory import MemoryJobStore
 from sam3_batch.contracts.registry import live_workers, model_refusal
 from sam3_batch.contracts.report import build_report, finalize_if_complete
-from sam3_batch.contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
+from sam3_batch.contracts.schemas import (
+    ChunkMessage,
+    ConceptPrompt,
+    JobReport,
+    JobSpec,
+    OutputOptions,
+    Thresholds,
+    WorkItem,
+)
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.extras import require_worker_extra
@@ -26,6 +34,7 @@ from sam3_batch.producer.done_index import DoneIndex
 from sam3_batch.producer.expected import ExpectedTotal
 from sam3_batch.producer.feed import ProducerSummary, new_job_id, run_producer
 from sam3_batch.producer.inputs import open_source
+from sam3_batch.producer.item_prompts import WithPrompts
 from sam3_batch.producer.planner import plan_chunks
 from sam3_batch.producer.sources import Source, SourceEntry, SourceItem
 from sam3_batch.request_checks import check_model_path, check_output_root
@@ -45,6 +54,7 @@ class JobRequest:
     outputs: OutputOptions = field(default_factory=OutputOptions)
     skip_existing: bool = False
     expected_images: int | None = None  # e.g. the `--dry-run` count: the ETA needs no counting pass
+    exemplar: ConceptPrompt | None = None  # `run --box`: applied to every image without its own prompts
 
 
 def build_spec(request: JobRequest, settings: Settings, job_id: str | None = None) -> JobSpec:
@@ -54,13 +64,14 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
         outputs=request.outputs, output_root=request.output_root, model_id=settings.model,
         model_revision=settings.model_revision, dtype=settings.dtype, created_at=time.time(),
         inputs=request.inputs, manifest=request.manifest, state_ttl_s=settings.finished_job_ttl_s or None,
+        exemplar=request.exemplar,
     )
 
 
 def validate_request(request: JobRequest, settings: Settings) -> JobSpec:
     """Everything about a request that can be checked before loading anything; returns its spec."""
     check_output_root(request.output_root)
-    if not request.prompts and not request.manifest:
+    if not request.prompts and not request.manifest and request.exemplar is None:
         raise RequestError("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
     return build_spec(request, settings)  # raises pydantic's ValidationError for bad prompts
 
@@ -77,7 +88,9 @@ def run_embedded(request: JobRequest, settings: Settings) -> JobReport:
     check_model_path(settings.model)
     limit_pillow_pixels(settings.max_image_pixels)  # this process decodes when loaders are threads
     storage = Storage(settings)
-    source = open_source(storage, request.inputs, request.manifest, exclude_root=request.output_root)
+    source: Source = open_source(storage, request.inputs, request.manifest, exclude_root=request.output_root)
+    if spec.exemplar is not None:
+        source = WithPrompts(source, [*spec.prompts, spec.exemplar])
     context = ChunkContext.create(load_runtime(settings), storage, settings)
     warm_up_compiled(context)
     store = MemoryJobStore()

@@ -191,3 +191,39 @@ def test_submit_a_visual_manifest_to_a_real_worker_writes_what_transformers_give
     key = layout.metadata_uri.removeprefix(f"s3://{s3_bucket}/")
     metadata = ImageMetadata.model_validate_json(s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     _check_against_oracle(metadata, VisualOracle(tiny_checkpoint), image, good)
+
+
+def test_run_with_box_applies_one_exemplar_prompt_to_the_image_as_transformers_does(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    image_path = tmp_path / "in" / "scene.png"
+    image_path.parent.mkdir()
+    scene_image(SIZE_HW, 1).save(image_path)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO_ROOT)}
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sam3_batch", "run", str(image_path.parent), "--out", str(tmp_path / "out"),
+             "--model", str(tiny_checkpoint), "--threshold", "0", *extra],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )
+
+    result = run("-p", "shape", "--box", "60,90,220,255", "--box", "240,30,368,135", "--box-label", "1",
+                 "--box-label", "0")
+
+    assert result.returncode == 0, result.stderr
+    layout = OutputLayout(str(tmp_path / "out"), "scene.png")  # a folder's keys are relative to it
+    metadata = ImageMetadata.model_validate_json(Path(layout.metadata_uri).read_text())
+    prompt = ConceptPrompt(text="shape", boxes=[(60, 90, 220, 255), (240, 30, 368, 135)], box_labels=[1, 0])
+    assert [(p.text, p.boxes, p.box_labels) for p in metadata.prompts] == [
+        ("shape", [(60, 90, 220, 255), (240, 30, 368, 135)], [1, 0])]
+    [written], _ = _written(metadata)
+    expected = VisualOracle(tiny_checkpoint).concept(Image.open(image_path).convert("RGB"), prompt, 0, THRESHOLDS)
+    assert len(expected) > 0, "no instances: the comparison would prove nothing"
+    assert_matches_oracle(written, expected, "run --box")
+
+    inverted = run("--box", "220,90,60,255")
+    assert inverted.returncode == 2 and "Traceback" not in inverted.stderr
+    assert "--box: a box is (x0, y0, x1, y1) with x0 < x1 and y0 < y1" in inverted.stderr
+    too_many = run("-p", "cat", "-p", "dog", "--box", "60,90,220,255")
+    assert too_many.returncode == 2 and "--box goes with at most one --prompt" in too_many.stderr

@@ -57,6 +57,8 @@ class JobSpec(_Strict):
     inputs: list[str] = Field(default_factory=list)  # an S3 prefix / folder, or http(s) URLs
     manifest: str | None = None
     state_ttl_s: int | None = Field(None, ge=1)  # job state expires this long after the job ended
+    # `run --box`: one exemplar prompt applied to every image without prompts of its own.
+    exemplar: ConceptPrompt | None = None
 
     @property
     def source(self) -> str:
@@ -70,7 +72,7 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_has_prompts(self) -> JobSpec:
-        if not self.prompts and not self.manifest:
+        if not self.prompts and not self.manifest and self.exemplar is None:
             raise ValueError("give at least one --prompt (or a manifest whose lines carry prompts or objects)")
         return self
 
