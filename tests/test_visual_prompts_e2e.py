@@ -19,12 +19,13 @@ from PIL import Image
 
 from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.keys import OutputLayout, key_from_uri
+from sam3_batch.contracts.report import report_uri
 from sam3_batch.contracts.schemas import ConceptPrompt, ImageMetadata, JobReport, ObjectPrompt, Thresholds
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.encode import decode_rle
 from tests.fixtures.model import scene_image
 from tests.fixtures.visual import VisualOracle, assert_matches_oracle
-from tests.fixtures.workers import REPO_ROOT, run_cli, wait_for_job
+from tests.fixtures.workers import REPO_ROOT, run_cli, wait_for_job, wait_until
 
 SIZE_HW = (300, 400)
 THRESHOLDS = Thresholds(score=0.0, mask=0.5)
@@ -191,6 +192,16 @@ def test_submit_a_visual_manifest_to_a_real_worker_writes_what_transformers_give
     key = layout.metadata_uri.removeprefix(f"s3://{s3_bucket}/")
     metadata = ImageMetadata.model_validate_json(s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
     _check_against_oracle(metadata, VisualOracle(tiny_checkpoint), image, good)
+    report_key = report_uri(f"s3://{s3_bucket}/out", job_id).removeprefix(f"s3://{s3_bucket}/")
+
+    def report() -> JobReport | None:  # the worker of the last chunk writes it just after counting it
+        try:
+            body = s3_client.get_object(Bucket=s3_bucket, Key=report_key)["Body"].read()
+        except s3_client.exceptions.NoSuchKey:
+            return None
+        return JobReport.model_validate_json(body)
+
+    _check_report_prompt_counts(wait_until(report, 60, "the job report"), metadata)
 
 
 def test_run_with_box_applies_one_exemplar_prompt_to_the_image_as_transformers_does(
