@@ -725,3 +725,14 @@ def test_docker_compose_config_accepts_the_compose_file() -> None:
 def test_docker_compose_config_accepts_the_multi_gpu_override() -> None:
     result = compose_config(COMPOSE_FILE, MULTI_GPU_FILE)
     assert result.returncode == 0, result.stderr
+
+
+def test_producer_job_serves_its_metrics_on_the_port_prometheus_scrapes() -> None:
+    job = load_documents(K8S_DIR / "producer-job.yaml")[0]
+    template = job["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    args = container["args"]
+    port = args[args.index("--metrics-port") + 1]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == port
+    assert {p["containerPort"] for p in container["ports"]} == {int(port)}
+    assert float(args[args.index("--max-failed-fraction") + 1]) > 0  # a few corrupt images must not fail the Job
