@@ -52,6 +52,7 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
         outputs=request.outputs, output_root=request.output_root, model_id=settings.model,
         model_revision=settings.model_revision, dtype=settings.dtype, created_at=time.time(),
         inputs=request.inputs, manifest=request.manifest, state_ttl_s=settings.finished_job_ttl_s or None,
+        chunk_size=settings.chunk_size,
     )
 
 

@@ -184,11 +184,16 @@ def build_metadata(request: WriteRequest, layout: OutputLayout, masked_uri: str 
 
 
 def write_image_outputs(request: WriteRequest, storage: Storage) -> ImageMetadata:
-    """Write PNG masks and the masked image first, then the metadata JSON that marks the image done."""
+    """Write PNG masks and the masked image first, then the metadata JSON that marks the image done.
+
+    In the chunk layout the JSON is optional (off by default): the chunk's shard, written after every
+    image of the chunk, carries the same document and is the done marker.
+    """
     layout = OutputLayout(request.spec.output_root, request.item.out_key)
     if request.spec.outputs.png_masks:
         _write_png_masks(request, layout, storage)
     masked_uri = _write_masked_image(request, layout, storage) if request.spec.outputs.masked_image else None
     metadata = build_metadata(request, layout, masked_uri)
-    storage.write_bytes(layout.metadata_uri, metadata.model_dump_json().encode(), "application/json")
+    if request.spec.outputs.writes_per_image_json:
+        storage.write_bytes(layout.metadata_uri, metadata.model_dump_json().encode(), "application/json")
     return metadata
