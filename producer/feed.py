@@ -45,16 +45,18 @@ def _register(store: JobStore, job_id: str, planned: PlannedChunk, generation: i
     store.register_chunk(job_id, chunk_id_for(job_id, planned.seq, generation), counts, checkpoint)
 
 
-def _done_index(storage: Storage, spec: JobSpec, chunk_size: int) -> DoneIndex | ShardIndex:
+def done_index_for(storage: Storage, output_root: str, layout: str, chunk_size: int) -> DoneIndex | ShardIndex:
     """One listing: of the ``K.json`` files (image layout) or of the shards (chunk layout)."""
-    if spec.outputs.layout == "chunk":
-        return ShardIndex.from_output_root(storage, spec.output_root, chunk_size)
-    return DoneIndex.from_output_root(storage, spec.output_root)
+    if layout == "chunk":
+        return ShardIndex.from_output_root(storage, output_root, chunk_size)
+    return DoneIndex.from_output_root(storage, output_root)
 
 
-def _skip_done_chunk(planned: PlannedChunk, shards: ShardIndex) -> PlannedChunk:
-    """A chunk whose shard exists is skipped whole (its images count as skipped)."""
-    if planned.message is None or not shards.chunk_done([item.out_key for item in planned.message.items]):
+def skip_done_chunk(planned: PlannedChunk, done: DoneIndex | ShardIndex | None) -> PlannedChunk:
+    """In the chunk layout, a chunk whose shard exists is skipped whole (its images count as skipped)."""
+    if not isinstance(done, ShardIndex) or planned.message is None:
+        return planned
+    if not done.chunk_done([item.out_key for item in planned.message.items]):
         return planned
     return replace(planned, message=None, skipped=planned.skipped + len(planned.message.items))
 
@@ -86,7 +88,7 @@ def run_producer(
     # Skipping done images on a continued listing would change which images the re-sent chunk id holds,
     # and workers drop a chunk id they have already counted: its new images would never be processed.
     use_done_index = skip_existing and checkpoint is None
-    done = _done_index(storage, spec, chunk_size) if use_done_index else None
+    done = done_index_for(storage, spec.output_root, spec.outputs.layout, chunk_size) if use_done_index else None
     is_done = (lambda key: key in done) if done is not None else (lambda key: False)
 
     def cancelled() -> bool:
@@ -97,8 +99,7 @@ def run_producer(
         if cancelled():
             log.warning("job %s cancelled: producer stops", job_id)
             return summary
-        if isinstance(done, ShardIndex):
-            planned = _skip_done_chunk(planned, done)
+        planned = skip_done_chunk(planned, done)
         if planned.message is not None:
             dispatcher.wait_for_room(cancelled)
             dispatcher.send(planned.message)

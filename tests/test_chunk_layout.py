@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,12 +12,15 @@ from pycocotools.coco import COCO
 
 from sam3_batch import jobs
 from sam3_batch.coco_export import export_coco
+from sam3_batch.contracts.jobstate_memory import MemoryJobStore
 from sam3_batch.contracts.layout import JOB_DIR, shard_digest, shard_name, shard_of_jobs_key
-from sam3_batch.contracts.schemas import JobReport, OutputOptions, Thresholds
+from sam3_batch.contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.producer.done_index import ShardIndex
 from sam3_batch.results import read_results
+from sam3_batch.worker.chunk_record import record_chunk
+from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from tests.fixtures.images import GOOD_IMAGES_DIR_FILES
 from tests.fixtures.results import BROKEN_NAME, RESULT_PROMPTS, FinishedJob
 from tests.fixtures.workers import run_cli
@@ -112,6 +116,47 @@ def test_skip_existing_rerun_skips_every_chunk_with_a_shard_and_rewrites_nothing
     assert (again.counters.skipped, again.counters.done, again.counters.failed) == (IMAGES, 0, 0)
     assert {p: t for p, t in _shards(out).items() if p in before} == before
     assert len(list((out / JOB_DIR / again.job_id).rglob("s*-*.parquet"))) == 0  # the new job wrote no shard
+
+
+def test_dry_run_with_skip_existing_counts_the_chunks_with_a_shard_as_skipped(
+    chunk_job: tuple[Path, JobReport], finished_job: FinishedJob,
+) -> None:
+    out, _ = chunk_job
+    request = jobs.JobRequest(inputs=[str(finished_job.images_dir)], prompts=RESULT_PROMPTS, output_root=str(out),
+                              skip_existing=True, outputs=OutputOptions(layout="chunk"))
+    settings = Settings(model=finished_job.settings.model, chunk_size=3)
+
+    plan = jobs.dry_run(request, settings, rate=1.0)
+
+    assert (plan.images, plan.chunks, plan.skipped) == (0, 0, IMAGES)
+
+
+def test_a_redelivered_chunk_whose_shard_exists_is_counted_from_it_without_segmenting_or_writing(
+    chunk_job: tuple[Path, JobReport], finished_job: FinishedJob,
+) -> None:
+    out, report = chunk_job
+    names = sorted([*GOOD_IMAGES_DIR_FILES, BROKEN_NAME])[:3]
+    spec = JobSpec(job_id=report.job_id, prompts=RESULT_PROMPTS, output_root=str(out), chunk_size=3,
+                   outputs=OutputOptions(layout="chunk"))
+    chunk = ChunkMessage(job_id=spec.job_id, chunk_id=f"{spec.job_id}-g0-000000000", items=[
+        WorkItem(uri=str(finished_job.images_dir / name), out_key=name) for name in names])
+    storage = Storage(finished_job.settings)
+    # No model and no stage pools: anything but reading the shard back would fail.
+    context = ChunkContext(runtime=cast(Any, None), storage=storage, settings=finished_job.settings,
+                           loaders=cast(Any, None), writers=cast(Any, None))
+    [shard] = [p for p in _shards(out) if p.name == shard_name(3, names)]
+    written_at = shard.stat().st_mtime_ns
+    store = MemoryJobStore()
+    store.create(spec)
+
+    result = process_chunk(chunk, spec, context, check_done=True)
+
+    assert result.from_existing_shard and sorted(o.out_key or "" for o in result.outcomes) == names
+    assert [o.status for o in result.outcomes].count("failed") == names.count(BROKEN_NAME)
+    assert record_chunk(store, storage, spec, chunk, result) is True
+    assert record_chunk(store, storage, spec, chunk, result) is False  # counted once
+    assert store.counters(spec.job_id).done == sum(o.status == "done" for o in result.outcomes)
+    assert shard.stat().st_mtime_ns == written_at  # not rewritten
 
 
 def test_skip_existing_with_another_chunk_size_reads_the_shards_and_skips_each_done_image(
