@@ -216,3 +216,18 @@ def test_shard_names_depend_on_the_keys_their_order_and_the_chunk_size() -> None
 def test_image_layout_refuses_to_go_without_its_per_image_json() -> None:
     with pytest.raises(ValueError, match=r"image layout always writes K\.json"):
         OutputOptions(layout="image", per_image_json=False)
+
+
+def test_run_with_layout_chunk_on_the_command_line_writes_shards_and_refuses_a_bad_layout(
+    good_images_dir: Path, tmp_path: Path, finished_job: FinishedJob,
+) -> None:
+    out = tmp_path / "out"
+    args = ["run", str(good_images_dir), "--prompt", "thing", "--out", str(out), "--model", "tiny-random"]
+
+    done = run_cli([*args, "--layout", "chunk", "--chunk-size", "4"], finished_job.settings)
+
+    assert done.returncode == 0, done.stderr
+    assert len(_shards(out)) == -(-len(GOOD_IMAGES_DIR_FILES) // 4)
+    assert not [p for p in out.rglob("*.json") if JOB_DIR not in p.parts]
+    bad = run_cli([*args, "--layout", "row"], finished_job.settings)
+    assert bad.returncode != 0 and "--layout must be image or chunk" in bad.stderr
