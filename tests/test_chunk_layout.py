@@ -13,8 +13,18 @@ from pycocotools.coco import COCO
 from sam3_batch import jobs
 from sam3_batch.coco_export import export_coco
 from sam3_batch.contracts.jobstate_memory import MemoryJobStore
+from sam3_batch.contracts.lake import write_chunk_part
+from sam3_batch.contracts.lake_index import compact_index
 from sam3_batch.contracts.layout import JOB_DIR, shard_digest, shard_name, shard_of_jobs_key
-from sam3_batch.contracts.schemas import ChunkMessage, JobReport, JobSpec, OutputOptions, Thresholds, WorkItem
+from sam3_batch.contracts.schemas import (
+    ChunkMessage,
+    ItemOutcome,
+    JobReport,
+    JobSpec,
+    OutputOptions,
+    Thresholds,
+    WorkItem,
+)
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.producer.done_index import ShardIndex
@@ -231,3 +241,25 @@ def test_run_with_layout_chunk_on_the_command_line_writes_shards_and_refuses_a_b
     assert not [p for p in out.rglob("*.json") if JOB_DIR not in p.parts]
     bad = run_cli([*args, "--layout", "row"], finished_job.settings)
     assert bad.returncode != 0 and "--layout must be image or chunk" in bad.stderr
+
+
+def test_a_retried_image_has_its_done_row_in_a_new_shard_and_readers_and_the_index_keep_that_one(
+    finished_job: FinishedJob, tmp_path: Path,
+) -> None:
+    docs = finished_job.metadata()
+    first, second = sorted(docs)[:2]
+    spec = JobSpec(job_id="retry-job", prompts=RESULT_PROMPTS, output_root=str(tmp_path), chunk_size=2,
+                   outputs=OutputOptions(layout="chunk"))
+    storage = Storage(finished_job.settings)
+    done = [ItemOutcome(uri=docs[k].image.uri, status="done", out_key=k) for k in (first, second)]
+    failed = ItemOutcome(uri=docs[second].image.uri, status="failed", reason="timed out", out_key=second)
+    # The job's chunk: one image done, one failed; then retry-failed's chunk of the failed image, done.
+    write_chunk_part(storage, spec, "retry-job-g0-000000000", [done[0], failed], [docs[first]], [first, second])
+    write_chunk_part(storage, spec, "retry-job-retry1-000000000", [done[1]], [docs[second]], [second])
+
+    read = {r.out_key: r.metadata for r in read_results(str(tmp_path))}
+    summary = compact_index(storage, str(tmp_path), spec.job_id)
+
+    assert set(read) == {first, second} and read[second].annotations == docs[second].annotations
+    assert (summary.parts_read, summary.images, summary.done, summary.failed) == (2, 2, 2, 0)
+    assert summary.duplicate_rows_dropped == 1  # the failed row the retry replaced
