@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sam3_batch.contracts.jobstate import Checkpoint, JobStore, PlannedCounts
 from sam3_batch.contracts.report import finalize_if_complete
@@ -14,7 +14,7 @@ from sam3_batch.contracts.schemas import JobSpec
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.producer import metrics
 from sam3_batch.producer.dispatch import Dispatcher
-from sam3_batch.producer.done_index import DoneIndex
+from sam3_batch.producer.done_index import DoneIndex, ShardIndex
 from sam3_batch.producer.planner import PlannedChunk, chunk_id_for, plan_chunks
 from sam3_batch.producer.sources import Source
 
@@ -67,6 +67,20 @@ def _count(planned: PlannedChunk) -> None:
     metrics.CHUNKS.inc(1 if planned.message else 0)
     metrics.SKIPPED.inc(planned.skipped)
     metrics.BAD_ENTRIES.inc(len(planned.problems))
+def done_index_for(storage: Storage, output_root: str, layout: str, chunk_size: int) -> DoneIndex | ShardIndex:
+    """One listing: of the ``K.json`` files (image layout) or of the shards (chunk layout)."""
+    if layout == "chunk":
+        return ShardIndex.from_output_root(storage, output_root, chunk_size)
+    return DoneIndex.from_output_root(storage, output_root)
+
+
+def skip_done_chunk(planned: PlannedChunk, done: DoneIndex | ShardIndex | None) -> PlannedChunk:
+    """In the chunk layout, a chunk whose shard exists is skipped whole (its images count as skipped)."""
+    if not isinstance(done, ShardIndex) or planned.message is None:
+        return planned
+    if not done.chunk_done([item.out_key for item in planned.message.items]):
+        return planned
+    return replace(planned, message=None, skipped=planned.skipped + len(planned.message.items))
 
 
 def run_producer(
@@ -88,13 +102,15 @@ def run_producer(
     plans exactly the chunks it would have planned before, so that re-sent chunk has the same images.
     """
     job_id, summary = spec.job_id, ProducerSummary(spec.job_id)
+    if spec.outputs.layout == "chunk" and spec.chunk_size:
+        chunk_size = spec.chunk_size  # the job's chunking, kept on resume: the same chunks name the same shards
     generation = store.generation(job_id)
     checkpoint = store.checkpoint(job_id)
     start_after, seq = (checkpoint.position, checkpoint.next_seq) if checkpoint else (None, 0)
     # Skipping done images on a continued listing would change which images the re-sent chunk id holds,
     # and workers drop a chunk id they have already counted: its new images would never be processed.
     use_done_index = skip_existing and checkpoint is None
-    done = DoneIndex.from_output_root(storage, spec.output_root) if use_done_index else None
+    done = done_index_for(storage, spec.output_root, spec.outputs.layout, chunk_size) if use_done_index else None
     is_done = (lambda key: key in done) if done is not None else (lambda key: False)
 
     def cancelled() -> bool:
@@ -105,6 +121,7 @@ def run_producer(
         if cancelled():
             log.warning("job %s cancelled: producer stops", job_id)
             return summary
+        planned = skip_done_chunk(planned, done)
         if planned.message is not None:
             dispatcher.wait_for_room(_timed_while_waiting(cancelled))
             dispatcher.send(planned.message)

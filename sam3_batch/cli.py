@@ -43,6 +43,11 @@ MaskedStyle = Annotated[str, typer.Option(
     help="overlay: masks blended on the image, a colour per prompt (as the hosted API's apply_mask); "
          "cutout: only the masked pixels.")]
 OutputFormat = Annotated[str, typer.Option(help="Masked image format: jpg or png.")]
+Layout = Annotated[str, typer.Option(
+    help="image: a K.json per image (small jobs); chunk: one Parquet shard per chunk holds every image's "
+         "results (lakes, millions of images). README: Choosing an output layout.")]
+PerImageJson = Annotated[bool | None, typer.Option(
+    help="With --layout chunk: also write each image's K.json (off by default there).")]
 BatchSize = Annotated[int | None, typer.Option(min=0, help="Images per model batch (0: from free GPU memory).")]
 ChunkSize = Annotated[int | None, typer.Option(min=1, help="Images per queue message.")]
 SkipExisting = Annotated[bool, typer.Option(help="Skip images whose metadata already exists.")]
@@ -91,9 +96,15 @@ def _say(settings: Settings, text: str) -> None:
 
 def _request(inputs: list[str] | None, prompts: list[str], out_root: str, manifest: str | None,
              threshold: float, mask_threshold: float, png_masks: bool, masked: bool, output_format: str,
-             skip_existing: bool, masked_style: str = "cutout") -> jobs.JobRequest:
+             skip_existing: bool, masked_style: str = "cutout", layout: str = "image",
+             per_image_json: bool | None = None) -> jobs.JobRequest:
     if output_format not in ("jpg", "png"):
         raise typer.BadParameter("--output-format must be jpg or png")
+    if layout not in ("image", "chunk"):
+        raise typer.BadParameter("--layout must be image or chunk")
+    if layout == "image" and per_image_json is False:
+        raise typer.BadParameter("--no-per-image-json needs --layout chunk (K.json is the image layout's marker)")
+    shape: Literal["image", "chunk"] = "chunk" if layout == "chunk" else "image"
     if masked_style not in ("overlay", "cutout"):
         raise typer.BadParameter("--masked-style must be overlay or cutout")
     fmt: Literal["jpg", "png"] = "jpg" if output_format == "jpg" else "png"
@@ -101,7 +112,8 @@ def _request(inputs: list[str] | None, prompts: list[str], out_root: str, manife
     return jobs.JobRequest(
         inputs=list(inputs or []), prompts=prompts, output_root=out_root, manifest=manifest,
         thresholds=Thresholds(score=threshold, mask=mask_threshold),
-        outputs=OutputOptions(png_masks=png_masks, masked_image=masked, masked_style=style, output_format=fmt),
+        outputs=OutputOptions(png_masks=png_masks, masked_image=masked, masked_style=style, output_format=fmt,
+                              layout=shape, per_image_json=per_image_json),
         skip_existing=skip_existing,
     )
 
@@ -120,7 +132,7 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
         box_label: Annotated[list[int], typer.Option(
             "--box-label", help="1 (positive) or 0 (negative) per --box, in order (default: all 1).")
         ] = [],  # noqa: B006
-        ) -> None:
+        layout: Layout = SPEC_OUTPUTS.layout, per_image_json: PerImageJson = None) -> None:
     """Segment a folder (or any source) in this process: no Redis, no S3 needed."""
     if not (prompt or manifest or box):
         raise RequestError("give at least one --prompt (or a --manifest whose lines carry prompts or objects)")
@@ -130,7 +142,7 @@ def run(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "./masks", 
         _say(settings, "model tiny-random: random weights, masks are meaningless (smoke test only)")
     exemplar = _exemplar(box, box_label, prompt)
     request = _request(inputs, [] if exemplar else prompt, out_root, manifest, threshold, mask_threshold,
-                       png_masks, masked, output_format, skip_existing, masked_style)
+                       png_masks, masked, output_format, skip_existing, masked_style, layout, per_image_json)
     report = jobs.run_embedded(dataclasses.replace(request, exemplar=exemplar), settings)
     c = report.counters
     _say(settings, f"job {report.job_id}: done {c.done}, failed {c.failed}, skipped {c.skipped} of {c.total} "
@@ -174,6 +186,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
            masked: Masked = SPEC_OUTPUTS.masked_image, output_format: OutputFormat = SPEC_OUTPUTS.output_format,
            chunk_size: ChunkSize = None, skip_existing: SkipExisting = False, model: Model = None,
            revision: Revision = None, masked_style: MaskedStyle = SPEC_OUTPUTS.masked_style,
+           layout: Layout = SPEC_OUTPUTS.layout, per_image_json: PerImageJson = None,
            resume: Annotated[str | None, typer.Option(help="Resume this job id.")] = None,
            wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
            dry_run: Annotated[bool, typer.Option(help="List and plan only: counts, bytes, chunks, GPU-hours.")
@@ -193,7 +206,7 @@ def submit(inputs: Inputs = None, prompt: Prompts = [], out_root: Out = "",  # n
     if not resume and (not out_root.strip() or not (prompt or manifest)):
         raise RequestError("--out and at least one --prompt (or a --manifest) are required (or --resume JOB_ID)")
     request = _request(inputs, prompt, out_root, manifest, threshold, mask_threshold, png_masks, masked,
-                       output_format, skip_existing, masked_style)
+                       output_format, skip_existing, masked_style, layout, per_image_json)
     request = dataclasses.replace(request, expected_images=expected_images)
     if dry_run:
         _print_plan(jobs.dry_run(request, settings, rate), as_json)

@@ -30,9 +30,8 @@ from sam3_batch.contracts.storage import Storage
 from sam3_batch.extras import require_worker_extra
 from sam3_batch.producer.backpressure import Backpressure, QueueDepth
 from sam3_batch.producer.dispatch import CeleryDispatcher
-from sam3_batch.producer.done_index import DoneIndex
 from sam3_batch.producer.expected import ExpectedTotal
-from sam3_batch.producer.feed import ProducerSummary, new_job_id, run_producer
+from sam3_batch.producer.feed import ProducerSummary, done_index_for, new_job_id, run_producer, skip_done_chunk
 from sam3_batch.producer.inputs import open_source
 from sam3_batch.producer.item_prompts import WithPrompts
 from sam3_batch.producer.planner import plan_chunks
@@ -65,6 +64,7 @@ def build_spec(request: JobRequest, settings: Settings, job_id: str | None = Non
         model_revision=settings.model_revision, dtype=settings.dtype, created_at=time.time(),
         inputs=request.inputs, manifest=request.manifest, state_ttl_s=settings.finished_job_ttl_s or None,
         exemplar=request.exemplar,
+        chunk_size=settings.chunk_size,
     )
 
 
@@ -248,7 +248,8 @@ def dry_run(request: JobRequest, settings: Settings, rate: float | None = None) 
     per GPU (or at the GPU-seconds per image of the newest complete job)."""
     storage = Storage(settings)
     source = open_source(storage, request.inputs, request.manifest)
-    done = DoneIndex.from_output_root(storage, request.output_root) if request.skip_existing else None
+    done = done_index_for(storage, request.output_root, request.outputs.layout,
+                          settings.chunk_size) if request.skip_existing else None
     sizes: list[int | None] = []
 
     def sized(entries: Iterator[SourceEntry]) -> Iterator[SourceEntry]:
@@ -260,6 +261,7 @@ def dry_run(request: JobRequest, settings: Settings, rate: float | None = None) 
     images = chunks = skipped = problems = 0
     is_done = (lambda key: key in done) if done is not None else (lambda key: False)
     for planned in plan_chunks(sized(source.entries(None)), "dry-run", settings.chunk_size, 0, is_done, 0):
+        planned = skip_done_chunk(planned, done)
         chunks += planned.message is not None
         images += len(planned.message.items) if planned.message else 0
         skipped, problems = skipped + planned.skipped, problems + len(planned.problems)

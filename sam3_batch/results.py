@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from sam3_batch.contracts.layout import JobLayout, out_key_of_metadata
+from sam3_batch.contracts.layout import JOB_DIR, JobLayout, ShardKey, out_key_of_metadata, shard_of_jobs_key
 from sam3_batch.contracts.schemas import (
     RLE,
     Annotation,
@@ -130,8 +130,9 @@ def read_results(
 ) -> Iterator[Result]:
     """Every done image's result under an output root (folder or ``s3://`` prefix) or of a job id (in Redis).
 
-    ``job_id`` keeps one job's images (an output root may hold several jobs). ``from_index`` reads the
-    job's compacted Parquet index instead of the per-image JSON files (one request per file, not per image).
+    ``job_id`` keeps one job's images (an output root may hold several jobs). Either output layout is read
+    (per-image ``K.json`` or chunk shards). ``from_index`` reads the job's compacted Parquet index instead
+    (one request per file, not per image or chunk).
     """
     from sam3_batch.contracts.storage import Storage
 
@@ -149,14 +150,48 @@ def read_results(
 
 
 def iter_metadata(storage: Storage, output_root: str, job_id: str | None = None) -> Iterator[tuple[str, ImageMetadata]]:
-    """(out_key, metadata) of every done image under an output root, in key order; one job's only if given."""
+    """(out_key, metadata) of every done image under an output root; one job's only if given.
+
+    One listing finds both layouts: ``K.json`` files (yielded in key order) and chunk layout shards (read
+    after the listing, a GET per shard). A shard row whose image also has a ``K.json`` (``--per-image-json``)
+    is not yielded twice, nor is an image that two shards hold (a rerun without ``--skip-existing``, a
+    ``retry-failed`` chunk): the first shard listed wins.
+    """
+    shards: list[str] = []
     for info in storage.list_objects(output_root):
+        shard = _shard_of(info.relative_key)
+        if shard is not None:
+            if job_id is None or shard.job_id == job_id:
+                shards.append(info.uri)
+            continue
         out_key = out_key_of_metadata(info.relative_key)
         if out_key is None:
             continue
         metadata = ImageMetadata.model_validate_json(storage.read_bytes(info.uri))
         if job_id is None or metadata.job_id == job_id:
             yield out_key, metadata
+    yield from _shard_metadata(storage, shards, job_id)
+
+
+def _shard_of(relative_key: str) -> ShardKey | None:
+    prefix = JOB_DIR + "/"
+    return shard_of_jobs_key(relative_key[len(prefix):]) if relative_key.startswith(prefix) else None
+
+
+def _shard_metadata(storage: Storage, uris: list[str], job_id: str | None) -> Iterator[tuple[str, ImageMetadata]]:
+    from sam3_batch.contracts.lake import read_part_table
+
+    seen: set[str] = set()  # the keys yielded from shards (exact: a hash collision would drop an image)
+    for uri in uris:
+        for row in read_part_table(storage, uri).to_pylist():
+            if row["status"] != "done" or row["metadata_uri"] is not None:  # the K.json was yielded already
+                continue
+            if job_id is not None and row["job_id"] != job_id:
+                continue
+            if row["out_key"] in seen:
+                continue
+            seen.add(row["out_key"])
+            yield row["out_key"], metadata_of_row(row)
 
 
 def _from_index(storage: Storage, index_dir: str) -> Iterator[Result]:

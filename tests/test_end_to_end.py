@@ -16,6 +16,7 @@ from sam3_batch.contracts.keys import OutputLayout
 from sam3_batch.contracts.report import report_uri
 from sam3_batch.contracts.schemas import ImageMetadata, JobReport
 from sam3_batch.contracts.settings import Settings
+from sam3_batch.results import read_results
 from sam3_batch.worker.encode import decode_rle
 from tests.fixtures.workers import run_cli, wait_for_job
 
@@ -30,6 +31,11 @@ def _upload(s3_client: Any, bucket: str, key: str, data: bytes) -> str:
 def _get(s3_client: Any, uri: str) -> bytes:
     bucket, key = uri.removeprefix("s3://").split("/", 1)
     return bytes(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _exists(s3_client: Any, uri: str) -> bool:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bool(s3_client.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount", 0))
 
 
 def _settings(settings_factory: Any, tiny_checkpoint: Path, **overrides: Any) -> Settings:
@@ -54,9 +60,10 @@ def _check_image_outputs(s3_client: Any, metadata: ImageMetadata, layout: Output
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("output_layout", ["image", "chunk"])
 def test_submit_prefix_to_real_worker_writes_every_output_and_counts_exactly(
     settings_factory: Any, tiny_checkpoint: Path, s3_client: Any, s3_bucket: str,
-    image_bytes_factory: Any, worker_factory: Any,
+    image_bytes_factory: Any, worker_factory: Any, output_layout: str,
 ) -> None:
     settings = _settings(settings_factory, tiny_checkpoint)
     good = {"in/a.jpg": "jpeg", "in/sub/b.png": "png_rgba", "in/sub/c d ü.webp": "webp", "in/e.gif": "gif_animated"}
@@ -67,7 +74,7 @@ def test_submit_prefix_to_real_worker_writes_every_output_and_counts_exactly(
     worker = worker_factory(settings)
 
     args = ["submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out/", "--threshold", "0",
-            "--png-masks", "--masked", "--output-format", "png", "--json"]
+            "--png-masks", "--masked", "--output-format", "png", "--layout", output_layout, "--json"]
     for prompt in PROMPTS:
         args += ["--prompt", prompt]
     submitted = run_cli(args, settings)
@@ -80,9 +87,17 @@ def test_submit_prefix_to_real_worker_writes_every_output_and_counts_exactly(
     [failure] = store.failures(job_id)
     assert failure.uri.endswith("broken.jpg") and "BadImageError" in failure.reason
 
+    # The chunk layout writes no K.json: its results are read back from the shards by read_results.
+    read = {r.out_key: r.metadata for r in read_results(f"s3://{s3_bucket}/out/", settings=settings)}
+    assert sorted(read) == sorted(key.removeprefix("in/") for key in good)
     for key in good:
         layout = OutputLayout(f"s3://{s3_bucket}/out/", key.removeprefix("in/"))
-        metadata = ImageMetadata.model_validate_json(_get(s3_client, layout.metadata_uri))
+        if output_layout == "image":
+            metadata = ImageMetadata.model_validate_json(_get(s3_client, layout.metadata_uri))
+            assert metadata.annotations == read[key.removeprefix("in/")].annotations
+        else:
+            assert not _exists(s3_client, layout.metadata_uri)
+            metadata = read[key.removeprefix("in/")]
         assert metadata.image.uri == f"s3://{s3_bucket}/{key}"
         _check_image_outputs(s3_client, metadata, layout)
     report = JobReport.model_validate_json(_get(s3_client, report_uri(f"s3://{s3_bucket}/out/", job_id)))

@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import redis
 from PIL import Image
 
 from sam3_batch.contracts.jobstate import RedisJobStore, job_key
+from sam3_batch.contracts.layout import shard_name, shard_of_jobs_key
 from sam3_batch.contracts.schemas import ImageMetadata, JobCounters
 from sam3_batch.contracts.settings import Settings
+from sam3_batch.results import metadata_of_row
 from sam3_batch.worker.encode import decode_rle
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.workers import (
@@ -41,6 +45,10 @@ pytestmark = pytest.mark.slow
 VISIBILITY_S = 10  # the smallest the settings allow; a chunk unacked this long is redelivered
 # Five images in chunks of two: a0+a1, b0+b1, c0.
 IMAGES = {"in/a0.jpg": "jpeg", "in/a1.png": "png", "in/b0.webp": "webp", "in/b1.jpg": "cmyk_jpeg", "in/c0.png": "gray"}
+# The key every test kills or watches: chunk a0+a1's done marker in each layout (the shard's name does not
+# depend on the job id, so a fault can be set before the job exists).
+LAYOUTS = ["image", "chunk"]
+A_CHUNK_MARKER = {"image": "/out/a0.jpg.json", "chunk": f"/parts/{shard_name(2, ['a0.jpg', 'a1.png'])}"}
 
 
 def _settings(settings_factory: Callable[..., Settings], tiny_checkpoint: Path, proxy: FaultyProxy,
@@ -76,24 +84,47 @@ def _read(s3_client: Any, bucket: str, key: str) -> bytes:
     return bytes(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def _done_images(s3_client: Any, bucket: str) -> dict[str, ImageMetadata]:
+def _shard_keys(keys: set[str]) -> list[str]:
+    """The chunk layout's shards among the listed keys."""
+    return sorted(k for k in keys if k.startswith("out/_jobs/") and shard_of_jobs_key(k[len("out/_jobs/"):]))
+
+
+def _metadata_documents(s3_client: Any, bucket: str, keys: set[str], layout: str) -> dict[str, ImageMetadata]:
+    """out_key -> metadata of each done image: its K.json (image layout) or its shard row (chunk layout)."""
+    if layout == "image":
+        return {
+            key.removeprefix("out/").removesuffix(".json"): ImageMetadata.model_validate_json(
+                _read(s3_client, bucket, key))
+            for key in sorted(k for k in keys if k.endswith(".json") and not k.startswith("out/_jobs/"))
+        }
+    found: dict[str, ImageMetadata] = {}
+    for key in _shard_keys(keys):
+        for row in pq.read_table(pa.BufferReader(_read(s3_client, bucket, key))).to_pylist():
+            assert row["out_key"] not in found, f"{row['out_key']} is in two shards: a chunk was written twice"
+            if row["status"] == "done":
+                found[row["out_key"]] = metadata_of_row(row)
+    return found
+
+
+def _done_images(s3_client: Any, bucket: str, layout: str = "image") -> dict[str, ImageMetadata]:
     """What a reader sees as done (metadata present), checked whole: every mask it names exists and matches."""
     keys = _keys(s3_client, bucket, "out/")
     found: dict[str, ImageMetadata] = {}
-    for key in sorted(k for k in keys if k.endswith(".json") and not k.startswith("out/_jobs/")):
-        metadata = ImageMetadata.model_validate_json(_read(s3_client, bucket, key))
+    for out_key, metadata in _metadata_documents(s3_client, bucket, keys, layout).items():
+        key = f"out/{out_key}"
         for annotation in metadata.annotations:
             assert annotation.mask_png is not None, key
             png_key = annotation.mask_png.removeprefix(f"s3://{bucket}/")
             assert png_key in keys, f"{key} names {png_key}, which is missing: a half result"
             png = np.array(Image.open(io.BytesIO(_read(s3_client, bucket, png_key))).convert("L")) > 0
             assert np.array_equal(png, decode_rle(annotation.segmentation)), png_key
-        found[key.removeprefix("out/").removesuffix(".json")] = metadata
+        found[out_key] = metadata
     return found
 
 
-def _assert_one_complete_output_per_image(s3_client: Any, bucket: str, images: dict[str, str]) -> None:
-    done = _done_images(s3_client, bucket)
+def _assert_one_complete_output_per_image(s3_client: Any, bucket: str, images: dict[str, str],
+                                          layout: str = "image") -> None:
+    done = _done_images(s3_client, bucket, layout)
     assert sorted(done) == sorted(k.removeprefix("in/") for k in images)
     for out_key, metadata in done.items():
         assert metadata.image.uri == f"s3://{bucket}/in/{out_key}"
@@ -130,19 +161,20 @@ def _wait_redeliverable(broker_url: str) -> None:
     client.close()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_worker_killed_three_times_mid_chunk_redelivers_it_and_every_image_has_one_complete_output(
     settings_factory: Callable[..., Settings], tiny_checkpoint: Path, faulty_s3: FaultyProxy, s3_client: Any,
-    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any,
+    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any, layout: str,
 ) -> None:
     settings = _settings(settings_factory, tiny_checkpoint, faulty_s3)
     _upload(s3_client, s3_bucket, IMAGES, image_bytes_factory)
     # Three moments inside chunk a0+a1: downloading, writing a mask, writing the done marker (last).
     moments = [("GET", f"/{s3_bucket}/in/a0.jpg"), ("PUT", f"/{s3_bucket}/out/a0.jpg.masks/p00_i001.png"),
-               ("PUT", f"/{s3_bucket}/out/a0.jpg.json")]
+               ("PUT", A_CHUNK_MARKER[layout])]
     for method, key in moments:
         faulty_s3.add_fault(method, key, "delay", times=1)
     first = worker_factory(settings, "w1", pool="prefork")
-    job_id = _submit(settings, s3_bucket, "--png-masks")
+    job_id = _submit(settings, s3_bucket, "--png-masks", "--layout", layout)
     store = RedisJobStore(settings.state_redis_url())
 
     # Kills 1 and 2: the pool process dies; its parent sees the worker lost and requeues the chunk at once.
@@ -151,7 +183,7 @@ def test_worker_killed_three_times_mid_chunk_redelivers_it_and_every_image_has_o
         _kill_pool_child(first)
     # Kill 3: the whole worker dies (a lost node) while the done marker is being written.
     _wait_held(faulty_s3, *moments[2])
-    assert "a0.jpg" not in _done_images(s3_client, s3_bucket)  # its masks exist, but a reader sees no result
+    assert "a0.jpg" not in _done_images(s3_client, s3_bucket, layout)  # masks exist, but a reader sees no result
     first.kill_with_children()
     _wait_redeliverable(settings.broker_url.get_secret_value())
     second = worker_factory(settings, "w2")  # its start-up sweep puts the chunk back on the queue
@@ -161,7 +193,9 @@ def test_worker_killed_three_times_mid_chunk_redelivers_it_and_every_image_has_o
     _assert_exact(counters, total=len(IMAGES))
     assert store.client.scard(job_key(job_id, "recorded")) == 3  # each chunk counted once
     assert [faulty_s3.dropped(method, key) for method, key in moments] == [1, 1, 1]  # died mid-request
-    _assert_one_complete_output_per_image(s3_client, s3_bucket, IMAGES)
+    _assert_one_complete_output_per_image(s3_client, s3_bucket, IMAGES, layout)
+    if layout == "chunk":
+        assert len(_shard_keys(_keys(s3_client, s3_bucket, "out/"))) == 3  # one shard per chunk
 
 
 def test_sigterm_mid_chunk_finishes_the_chunk_in_hand_and_loses_nothing(
@@ -201,16 +235,17 @@ def _queued_chunks(broker: redis.Redis, queue: str) -> list[dict[str, Any]]:
     return [body[0][0] for body in bodies]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_chunk_run_by_two_workers_at_once_counts_once_and_its_outputs_stay_whole(
     settings_factory: Callable[..., Settings], tiny_checkpoint: Path, faulty_s3: FaultyProxy, s3_client: Any,
-    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any,
+    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any, layout: str,
 ) -> None:
     settings = _settings(settings_factory, tiny_checkpoint, faulty_s3)
     images = {"in/a0.jpg": "jpeg", "in/a1.png": "png"}  # one chunk
     _upload(s3_client, s3_bucket, images, image_bytes_factory)
     faulty_s3.add_fault("GET", f"/{s3_bucket}/in/a0.jpg", "delay", times=1, hold_s=280)
     slow = worker_factory(settings, "slow")
-    job_id = _submit(settings, s3_bucket, "--png-masks")
+    job_id = _submit(settings, s3_bucket, "--png-masks", "--layout", layout)
     store = RedisJobStore(settings.state_redis_url())
     _wait_held(faulty_s3, "GET", "/in/a0.jpg")
     # The slow worker is alive but its chunk outlives the visibility timeout: Redis hands it out again.
@@ -219,16 +254,18 @@ def test_a_chunk_run_by_two_workers_at_once_counts_once_and_its_outputs_stay_who
 
     counters = wait_for_job(store, job_id, workers=[slow, fast])
     _assert_exact(counters, total=2)
-    assert "a0.jpg" in _done_images(s3_client, s3_bucket)
+    assert "a0.jpg" in _done_images(s3_client, s3_bucket, layout)
     faulty_s3.release()  # the slow run goes on and rewrites the same keys
     slow.wait_for_log("succeeded")
 
-    assert faulty_s3.count("PUT", "/out/a0.jpg.json", faulted=False) == 2  # written by both runs
+    assert faulty_s3.count("PUT", A_CHUNK_MARKER[layout], faulted=False) == 2  # written by both runs
     assert store.counters(job_id) == counters  # the second finish of the chunk is not counted
     assert "succeeded" in fast.log()
-    done = _done_images(s3_client, s3_bucket)
+    done = _done_images(s3_client, s3_bucket, layout)
     assert {m.chunk_id for m in done.values()} == {f"{job_id}-g0-000000000"}
-    _assert_one_complete_output_per_image(s3_client, s3_bucket, images)
+    _assert_one_complete_output_per_image(s3_client, s3_bucket, images, layout)
+    if layout == "chunk":
+        assert len(_shard_keys(_keys(s3_client, s3_bucket, "out/"))) == 1  # the same shard key, twice
 
 
 def test_redis_restart_mid_job_reconnects_worker_and_producer_and_the_job_completes(

@@ -11,13 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import redis
 
 from sam3_batch.contracts.jobstate import RedisJobStore, job_key
+from sam3_batch.contracts.layout import shard_name, shard_of_jobs_key
 from sam3_batch.contracts.report import report_uri
 from sam3_batch.contracts.schemas import ImageMetadata, JobReport
 from sam3_batch.contracts.settings import Settings
+from sam3_batch.results import metadata_of_row
 from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.workers import run_cli, start_cli, unacked_ages, wait_for_job, wait_until
 
@@ -44,15 +48,26 @@ def _cli_json(args: list[str], settings: Settings, **env: str) -> Any:
     return json.loads(done.stdout)
 
 
-def _metadata(s3_client: Any, bucket: str) -> dict[str, ImageMetadata]:
-    """out_key -> metadata of every image with a complete output."""
+def _metadata(s3_client: Any, bucket: str, layout: str = "image") -> dict[str, ImageMetadata]:
+    """out_key -> metadata of every image with a complete output: its K.json, or its row in a shard."""
     pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="out/")
     keys = [e["Key"] for page in pages for e in page.get("Contents", [])]
-    return {
-        key.removeprefix("out/").removesuffix(".json"): ImageMetadata.model_validate_json(
-            s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        for key in keys if key.endswith(".jpg.json")
-    }
+
+    def read(key: str) -> bytes:
+        return bytes(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    if layout == "image":
+        return {
+            key.removeprefix("out/").removesuffix(".json"): ImageMetadata.model_validate_json(read(key))
+            for key in keys if key.endswith(".jpg.json")
+        }
+    found: dict[str, ImageMetadata] = {}
+    for key in keys:
+        if key.startswith("out/_jobs/") and shard_of_jobs_key(key.removeprefix("out/_jobs/")):
+            for row in pq.read_table(pa.BufferReader(read(key))).to_pylist():
+                assert row["out_key"] not in found, f"{row['out_key']} is in two shards"
+                found[row["out_key"]] = metadata_of_row(row)
+    return found
 
 
 def _wait_idle(settings: Settings) -> None:
@@ -108,9 +123,10 @@ def test_a_producer_killed_mid_listing_and_again_between_send_and_register_resum
     assert sorted(_metadata(s3_client, s3_bucket)) == names
 
 
+@pytest.mark.parametrize("layout", ["image", "chunk"])
 def test_resume_after_cancel_processes_only_unfinished_images_and_a_chunk_in_flight_is_not_counted(
     settings_factory: Callable[..., Settings], tiny_checkpoint: Path, faulty_s3: FaultyProxy, s3_client: Any,
-    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any,
+    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any, layout: str,
 ) -> None:
     settings = _settings(settings_factory, tiny_checkpoint, s3_endpoint_url=faulty_s3.endpoint_url)
     names = ["a0.jpg", "a1.jpg", "b0.jpg", "b1.jpg", "c0.jpg", "c1.jpg"]
@@ -118,8 +134,8 @@ def test_resume_after_cancel_processes_only_unfinished_images_and_a_chunk_in_fli
     faulty_s3.add_fault("GET", f"/{s3_bucket}/in/b0.jpg", "delay", times=1)
     worker = worker_factory(settings)
     store = RedisJobStore(settings.state_redis_url())
-    submitted = _cli_json(["submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", *PROMPT_ARGS],
-                          settings)
+    submitted = _cli_json(["submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", *PROMPT_ARGS,
+                           "--layout", layout], settings)
     job_id = submitted["job_id"]
     wait_until(lambda: faulty_s3.count("GET", "/in/b0.jpg", faulted=True), 180, "the worker to be inside chunk 1")
     assert store.counters(job_id).done == 2  # chunk 0 is finished
@@ -134,7 +150,7 @@ def test_resume_after_cancel_processes_only_unfinished_images_and_a_chunk_in_fli
     assert (resumed["skipped"], resumed["images_enqueued"]) == (2, 4)
     counters = store.counters(job_id)
     assert (counters.total, counters.done, counters.failed, counters.skipped) == (6, 4, 0, 2)
-    metadata = _metadata(s3_client, s3_bucket)
+    metadata = _metadata(s3_client, s3_bucket, layout)
     assert sorted(metadata) == names
     assert {metadata[n].chunk_id for n in ("a0.jpg", "a1.jpg")} == {f"{job_id}-g0-000000000"}  # not redone
     assert all("-g1-" in metadata[n].chunk_id for n in names[2:])
@@ -144,21 +160,32 @@ def test_resume_after_cancel_processes_only_unfinished_images_and_a_chunk_in_fli
     assert report.state == "complete" and report.counters == counters
 
 
+# The image layout's done marker is per image (b1.jpg survives the crash); the chunk layout's is the
+# chunk's shard, so the whole chunk b0+b1 is redone.
+SKIP_CASES = {
+    "image": ("/out/b0.jpg.json", {"b0.jpg", "c0.jpg", "c1.jpg"}),
+    "chunk": (f"/parts/{shard_name(2, ['b0.jpg', 'b1.jpg'])}", {"b0.jpg", "b1.jpg", "c0.jpg", "c1.jpg"}),
+}
+
+
+@pytest.mark.parametrize("layout", ["image", "chunk"])
 def test_skip_existing_after_a_crashed_and_cancelled_job_processes_only_images_without_a_complete_output(
     settings_factory: Callable[..., Settings], tiny_checkpoint: Path, faulty_s3: FaultyProxy, s3_client: Any,
-    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any,
+    s3_bucket: str, image_bytes_factory: Callable[[str], bytes], worker_factory: Any, layout: str,
 ) -> None:
     settings = _settings(settings_factory, tiny_checkpoint, s3_endpoint_url=faulty_s3.endpoint_url)
     names = ["a0.jpg", "a1.jpg", "b0.jpg", "b1.jpg", "c0.jpg", "c1.jpg"]
+    marker, redone = SKIP_CASES[layout]
     _upload(s3_client, s3_bucket, names, image_bytes_factory)
-    faulty_s3.add_fault("PUT", f"/{s3_bucket}/out/b0.jpg.json", "delay", times=1)
+    faulty_s3.add_fault("PUT", marker, "delay", times=1)
     crashed = worker_factory(settings, "crashed")
-    args = ["submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", *PROMPT_ARGS]
+    args = ["submit", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/out", *PROMPT_ARGS, "--layout", layout]
     first_job = _cli_json(args, settings)["job_id"]
-    wait_until(lambda: faulty_s3.count("PUT", "/out/b0.jpg.json", faulted=True), 180,
+    wait_until(lambda: faulty_s3.count("PUT", marker, faulted=True), 180,
                "the worker to write chunk 1's first done marker")
-    wait_until(lambda: "b1.jpg" in _metadata(s3_client, s3_bucket), 60, "b1.jpg to be done")
-    crashed.kill()  # b0.jpg was segmented, but without its done marker it has no complete output
+    if layout == "image":
+        wait_until(lambda: "b1.jpg" in _metadata(s3_client, s3_bucket), 60, "b1.jpg to be done")
+    crashed.kill()  # chunk 1 was segmented, but without its done marker it has no complete output
     cancelled = run_cli(["cancel", first_job], settings)
     assert cancelled.returncode == 0, cancelled.stderr
 
@@ -166,9 +193,10 @@ def test_skip_existing_after_a_crashed_and_cancelled_job_processes_only_images_w
     worker = worker_factory(settings, "fresh")
     counters = wait_for_job(RedisJobStore(settings.state_redis_url()), second["job_id"], workers=[worker])
 
-    assert (counters.total, counters.done, counters.failed, counters.skipped) == (6, 3, 0, 3)
-    metadata = _metadata(s3_client, s3_bucket)
+    done_now = len(redone)
+    assert (counters.total, counters.done, counters.failed, counters.skipped) == (6, done_now, 0, 6 - done_now)
+    metadata = _metadata(s3_client, s3_bucket, layout)
     assert sorted(metadata) == names
-    assert {n for n, m in metadata.items() if m.job_id == second["job_id"]} == {"b0.jpg", "c0.jpg", "c1.jpg"}
-    for name in ("a0.jpg", "a1.jpg", "b1.jpg"):
+    assert {n for n, m in metadata.items() if m.job_id == second["job_id"]} == redone
+    for name in set(names) - redone:
         assert faulty_s3.count("GET", f"/in/{name}") == 1, name  # downloaded by the first job only

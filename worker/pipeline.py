@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from sam3_batch.contracts.errors import ItemError, JobCancelledError
+from sam3_batch.contracts.lake import existing_shard_outcomes
 from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcome, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
@@ -129,6 +130,7 @@ class ChunkResult:
     transient: list[TransientFailure] = field(default_factory=list)  # this attempt's, for the logs
     metadata: list[ImageMetadata] = field(default_factory=list)  # every done image's, for the index
     model_seconds: float = 0.0  # the model's time on this chunk's batches (while it had the model's turn)
+    from_existing_shard: bool = False  # chunk layout: read back from the chunk's shard; nothing to write
 
 
 def _failure(item: WorkItem, failure: StageFailure, result: ChunkResult, final_attempt: bool,
@@ -203,7 +205,9 @@ class _ChunkRun:
         one at a time in a fresh pool, so that only an image that kills its process every time fails.
         """
         keep_pixels = self.spec.outputs.masked_image
-        done_check = DoneCheck(self.spec.output_root, self.spec.job_id) if check_done else None
+        # Without K.json (the chunk layout's default) there is nothing per image to look for.
+        per_image = check_done and self.spec.outputs.writes_per_image_json
+        done_check = DoneCheck(self.spec.output_root, self.spec.job_id) if per_image else None
         loaders = self.ctx.loaders
         futures = {loaders.start(load_image, item, keep_pixels, done_check): item for item in self.chunk.items}
         orphans: list[WorkItem] = []
@@ -353,10 +357,15 @@ def process_chunk(
 ) -> ChunkResult:
     """Segment every image of a chunk and write its outputs; every item ends done, failed or retry_later.
 
-    ``check_done`` (retries, redeliveries) skips images whose metadata already exists. With
+    ``check_done`` (retries, redeliveries) skips images whose metadata already exists, and in the chunk
+    layout a whole chunk whose shard exists (its outcomes are read back from the shard). With
     ``final_attempt`` false, transient failures are returned in ``retry_later`` instead of failing.
     Raises JobCancelledError when ``should_stop`` turns true; nothing new is written after that.
     """
+    if check_done:
+        shard = existing_shard_outcomes(ctx.storage, spec, chunk.chunk_id, [item.out_key for item in chunk.items])
+        if shard is not None:
+            return ChunkResult(outcomes=shard, from_existing_shard=True)
     run = _ChunkRun(chunk, spec, ctx, final_attempt)
     try:
         for batch in _batches(run.loaded_images(check_done), ctx.settings.batch_size):

@@ -197,7 +197,11 @@ class WrittenOutputs:
 
 
 def write_image_outputs(request: WriteRequest, storage: Storage) -> ImageMetadata:
-    """Write PNG masks and the masked image first, then the metadata JSON that marks the image done."""
+    """Write PNG masks and the masked image first, then the metadata JSON that marks the image done.
+
+    In the chunk layout the JSON is optional (off by default): the chunk's shard, written after every
+    image of the chunk, carries the same document and is the done marker.
+    """
     return write_counted_outputs(request, storage).metadata
 
 
@@ -210,6 +214,8 @@ def write_counted_outputs(request: WriteRequest, storage: Storage) -> WrittenOut
         masked_uri, masked_bytes = _write_masked_image(request, layout, storage)
         written += masked_bytes
     metadata = build_metadata(request, layout, masked_uri)
+    if not request.spec.outputs.writes_per_image_json:
+        return WrittenOutputs(metadata, written)
     document = metadata.model_dump_json().encode()
     storage.write_bytes(layout.metadata_uri, document, "application/json")
     return WrittenOutputs(metadata, written + len(document))

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sam3_batch.contracts.layout import OutputLayout, part_uri
+from sam3_batch.contracts.layout import JobLayout, OutputLayout
 from sam3_batch.contracts.redact import display_uri
 from sam3_batch.contracts.schemas import SCHEMA_VERSION, ImageMetadata, ItemOutcome, JobSpec
 from sam3_batch.contracts.storage import Storage
@@ -78,12 +78,14 @@ def _when(moment: datetime) -> dict[str, Any]:
     return {"processed_at": moment, "processed_date": moment.date()}
 
 
-def done_row(metadata: ImageMetadata, out_key: str, output_root: str) -> dict[str, Any]:
-    """The row of one done image: everything its ``K.json`` says, and where its files are."""
+def done_row(metadata: ImageMetadata, out_key: str, output_root: str, with_json: bool = True) -> dict[str, Any]:
+    """The row of one done image: everything its ``K.json`` says, and where its files are (``metadata_uri``
+    is None when the job writes no ``K.json``: the chunk layout's default)."""
     return {
         "schema_version": metadata.schema_version, "job_id": metadata.job_id, "chunk_id": metadata.chunk_id,
         "out_key": out_key, "uri": metadata.image.uri, "status": "done", "reason": None,
-        "metadata_uri": OutputLayout(output_root, out_key).metadata_uri, "masked_image_uri": metadata.masked_image,
+        "metadata_uri": OutputLayout(output_root, out_key).metadata_uri if with_json else None,
+        "masked_image_uri": metadata.masked_image,
         "width": metadata.image.width, "height": metadata.image.height,
         "model_id": metadata.model.id, "model_revision": metadata.model.revision,
         "model_commit": metadata.model.commit,
@@ -126,7 +128,8 @@ def chunk_rows(
     done = [o for o in outcomes if o.status == "done"]
     if len(done) != len(metadata):
         raise ValueError(f"{len(done)} done outcomes but {len(metadata)} metadata documents")
-    rows = [done_row(m, o.out_key or "", spec.output_root) for o, m in zip(done, metadata, strict=True)]
+    with_json = spec.outputs.writes_per_image_json
+    rows = [done_row(m, o.out_key or "", spec.output_root, with_json) for o, m in zip(done, metadata, strict=True)]
     now = datetime.now(UTC)
     rows += [failed_row(spec, chunk_id, o, now) for o in outcomes if o.status == "failed"]
     return rows
@@ -139,24 +142,66 @@ def table_to_parquet(table: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
+def chunk_part_uri(spec: JobSpec, chunk_id: str, out_keys: Sequence[str]) -> str:
+    """Where a chunk's part goes: by chunk id (image layout), or as its shard, by content (chunk layout)."""
+    layout = JobLayout(spec.output_root, spec.job_id)
+    if spec.outputs.layout == "chunk":
+        return layout.shard_uri(spec.chunk_size or 0, list(out_keys))  # 0: planned before sizes were recorded
+    return layout.part_uri(chunk_id)
+
+
 def encode_chunk_part(
     spec: JobSpec, chunk_id: str, outcomes: Sequence[ItemOutcome], metadata: Sequence[ImageMetadata],
+    out_keys: Sequence[str] = (),
 ) -> tuple[str, bytes] | None:
-    """A chunk's images (done and failed) as the URI and bytes of one Parquet part; None when it has none."""
+    """A chunk's images (done and failed) as the URI and bytes of one Parquet part; None when it has none.
+
+    In the chunk layout this part is the chunk's shard and done marker; ``out_keys`` (the chunk's items'
+    keys, in message order) name it.
+    """
     rows = chunk_rows(spec, chunk_id, outcomes, metadata)
     if not rows:
         return None
     table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
-    return part_uri(spec.output_root, spec.job_id, chunk_id), table_to_parquet(table)
+    return chunk_part_uri(spec, chunk_id, out_keys), table_to_parquet(table)
 
 
 def write_chunk_part(
     storage: Storage, spec: JobSpec, chunk_id: str, outcomes: Sequence[ItemOutcome],
-    metadata: Sequence[ImageMetadata],
+    metadata: Sequence[ImageMetadata], out_keys: Sequence[str] = (),
 ) -> str | None:
-    """Write a chunk's images (done and failed) as one Parquet part; its URI, or None when it has none."""
-    part = encode_chunk_part(spec, chunk_id, outcomes, metadata)
+    """Write a chunk's images (done and failed) as one Parquet part in one PUT; its URI, or None when it has none."""
+    part = encode_chunk_part(spec, chunk_id, outcomes, metadata, out_keys)
     if part is None:
         return None
     storage.write_bytes(part[0], part[1], PARQUET_CONTENT_TYPE)
     return part[0]
+
+
+def read_part_table(storage: Storage, uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """A part or shard as a table (``columns`` only, if given)."""
+    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), columns=list(columns) if columns else None)
+
+
+def outcomes_of_shard(table: pa.Table) -> list[ItemOutcome]:
+    """How each image of a shard ended, as the job state counts it (a redelivered chunk is counted from these)."""
+    return [
+        ItemOutcome(uri=row["uri"], status=row["status"], reason=row["reason"], instances=row["instance_count"],
+                    out_key=row["out_key"])
+        for row in table.select(["uri", "status", "reason", "instance_count", "out_key"]).to_pylist()
+    ]
+
+
+def existing_shard_outcomes(storage: Storage, spec: JobSpec, chunk_id: str,
+                            out_keys: Sequence[str]) -> list[ItemOutcome] | None:
+    """In the chunk layout, the outcomes a chunk's existing shard records (one HEAD, one GET); else None.
+
+    A redelivered chunk whose shard was written (the worker died before counting it) is counted from its
+    shard instead of being segmented again.
+    """
+    if spec.outputs.layout != "chunk":
+        return None
+    uri = chunk_part_uri(spec, chunk_id, out_keys)
+    if not storage.exists(uri):
+        return None
+    return outcomes_of_shard(read_part_table(storage, uri, ["uri", "status", "reason", "instance_count", "out_key"]))

@@ -3,8 +3,10 @@
 Run automatically when a job completes (``report.finalize_if_complete``) and by ``sam3-batch index``.
 Idempotent: file names are deterministic, a rerun replaces them, and files an earlier, larger run left
 behind are emptied (storage has no delete). One row per image: a done row beats a failed row of the same
-image (a retry that succeeded), and an image a redelivered chunk wrote twice is kept once. Memory holds
-one row group per open file and an 8-byte hash per image; each file is uploaded as soon as it is complete.
+image (a retry that succeeded), and an image a redelivered chunk wrote twice is kept once. Each part is
+read once (one GET: in the chunk layout the parts are the shards); failed rows are written after the done
+ones. Memory holds one row group per open file, an 8-byte hash per image and the failed rows (no
+instances); each file is uploaded as soon as it is complete.
 """
 
 from __future__ import annotations
@@ -85,32 +87,41 @@ def _list_parts(storage: Storage, layout: JobLayout) -> list[ObjectInfo]:
 
 
 class _Deduplicator:
-    """Keeps one row per image: the first done row, else the first failed row."""
+    """Keeps one row per image: its first done row, else its first failed row.
 
-    def __init__(self, done_keys: set[int]) -> None:
-        self._done_keys = done_keys
-        self._kept: set[int] = set()
+    Done rows go out as their part is read; failed rows (few, and small: no instances) wait until every
+    part was read, since a later part may hold the same image done (a retry). So each part is read once.
+    """
 
-    def keep(self, table: pa.Table) -> pa.Table:
-        keys = table.column("out_key").to_pylist()
-        statuses = table.column("status").to_pylist()
-        mask: list[bool] = []
-        for key, status in zip(keys, statuses, strict=True):
-            digest = _hash(key)
-            wanted = status == "done" or digest not in self._done_keys
-            mask.append(wanted and digest not in self._kept)
-            if mask[-1]:
-                self._kept.add(digest)
-        return table if all(mask) else table.filter(pa.array(mask, pa.bool_()))
+    def __init__(self) -> None:
+        self._done: set[int] = set()
+        self._failed: list[pa.Table] = []
 
+    def done_rows(self, table: pa.Table) -> pa.Table:
+        """The part's done rows of images not seen done before; its failed rows are held back."""
+        is_done = pc.equal(table.column("status"), "done")
+        self._failed.append(table.filter(pc.invert(is_done)))
+        done = table.filter(is_done)
+        mask = [self._first(self._done, _hash(key)) for key in done.column("out_key").to_pylist()]
+        return done if all(mask) else done.filter(pa.array(mask, pa.bool_()))
 
-def _done_keys(storage: Storage, parts: list[ObjectInfo]) -> set[int]:
-    found: set[int] = set()
-    for info in parts:
-        table = _read_part(storage, info, columns=["out_key", "status"])
-        done = table.filter(pc.equal(table.column("status"), "done"))
-        found.update(_hash(key) for key in done.column("out_key").to_pylist())
-    return found
+    def failed_rows(self) -> pa.Table:
+        """The held failed rows of images that never had a done row, one per image."""
+        failed = pa.concat_tables(self._failed) if self._failed else RESULTS_SCHEMA.empty_table()
+        self._failed = []
+        seen: set[int] = set()
+        mask = [
+            _hash(key) not in self._done and self._first(seen, _hash(key))
+            for key in failed.column("out_key").to_pylist()
+        ]
+        return failed.filter(pa.array(mask, pa.bool_()))
+
+    @staticmethod
+    def _first(seen: set[int], digest: int) -> bool:
+        if digest in seen:
+            return False
+        seen.add(digest)
+        return True
 
 
 @dataclass
@@ -129,23 +140,30 @@ class _Target:
         return re.compile(rf"(?:.*/)?{re.escape(self.prefix)}part-\d+{re.escape(PARQUET_SUFFIX)}")
 
 
+def _count(kept: pa.Table, summary: IndexSummary) -> Iterator[pa.RecordBatch]:
+    summary.images += kept.num_rows
+    done = int(pc.sum(pc.equal(kept.column("status"), "done")).as_py() or 0)
+    summary.done += done
+    summary.failed += kept.num_rows - done
+    summary.instances += int(pc.sum(kept.column("instance_count")).as_py() or 0)
+    summary.prompts.add(kept)
+    for commit in pc.unique(kept.column("model_commit").drop_null()).to_pylist():
+        if commit not in summary.model_commits:
+            summary.model_commits.append(commit)
+    yield from kept.to_batches()
+
+
 def _batches(storage: Storage, parts: list[ObjectInfo], dedup: _Deduplicator,
              summary: IndexSummary) -> Iterator[pa.RecordBatch]:
+    """Every part read once (one GET each): done rows as they come, then the failed rows left."""
+    rows_read = 0
     for info in parts:
         table = _read_part(storage, info)
-        kept = dedup.keep(table)
         summary.parts_read += 1
-        summary.duplicate_rows_dropped += table.num_rows - kept.num_rows
-        summary.images += kept.num_rows
-        done = int(pc.sum(pc.equal(kept.column("status"), "done")).as_py() or 0)
-        summary.done += done
-        summary.failed += kept.num_rows - done
-        summary.instances += int(pc.sum(kept.column("instance_count")).as_py() or 0)
-        summary.prompts.add(kept)
-        for commit in pc.unique(kept.column("model_commit").drop_null()).to_pylist():
-            if commit not in summary.model_commits:
-                summary.model_commits.append(commit)
-        yield from kept.to_batches()
+        rows_read += table.num_rows
+        yield from _count(dedup.done_rows(table), summary)
+    yield from _count(dedup.failed_rows(), summary)
+    summary.duplicate_rows_dropped = rows_read - summary.images
 
 
 def _write(target: _Target, batches: Iterator[pa.RecordBatch], partition_by: Sequence[str],
@@ -205,7 +223,7 @@ def compact_index(
     target = _Target(storage, dest or layout.index_dir, f"{job_id}-" if dest else "")
     summary = IndexSummary(job_id=job_id, index_dir=target.base_uri)
     parts = _list_parts(storage, layout)
-    dedup = _Deduplicator(_done_keys(storage, parts))
+    dedup = _Deduplicator()
     summary.uris = _write(target, _batches(storage, parts, dedup, summary), partition_by, max_rows_per_file)
     summary.files_written = len(summary.uris)
     summary.stale_files_emptied = _empty_stale_files(target, summary.uris)

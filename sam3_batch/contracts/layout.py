@@ -9,7 +9,10 @@ Per image (``K`` is the image's output key)::
 Per job::
 
     _jobs/JOB/report.json       the job report, once the job ends
-    _jobs/JOB/parts/*.parquet   one Parquet part per chunk (worker output)
+    _jobs/JOB/parts/*.parquet   one Parquet part per chunk (worker output), named by the chunk id
+    _jobs/JOB/parts/sN-D.parquet   chunk layout: the chunk's shard, its done marker (N: the job's chunk size,
+                                D: a digest of the chunk's output keys, so any job or generation that plans
+                                the same chunk names the same shard; written last, in one PUT)
     _jobs/JOB/index/*.parquet   the compacted index (automatic when the job completes; ``sam3-batch index``)
     _jobs/JOB/coco/*.json       ``sam3-batch export --format coco``
 
@@ -30,6 +33,9 @@ INDEX_DIR = "index"
 COCO_DIR = "coco"
 REPORT_NAME = "report.json"
 INDEX_FILE_TEMPLATE = "part-{i}" + PARQUET_SUFFIX  # pyarrow.dataset basename_template
+SHARD_DIGEST_BYTES = 16
+# <job>/parts/s<chunk size>-<digest>.parquet, relative to the _jobs/ folder
+_SHARD_KEY = re.compile(rf"[^/]+/{PARTS_DIR}/s(\d+)-([0-9a-f]{{{2 * SHARD_DIGEST_BYTES}}})\{PARQUET_SUFFIX}")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -98,6 +104,10 @@ class JobLayout:
         """Named by the chunk id, so a redelivered chunk overwrites its own part."""
         return join_uri(self.parts_dir, _file_name(chunk_id, PARQUET_SUFFIX))
 
+    def shard_uri(self, chunk_size: int, out_keys: list[str]) -> str:
+        """The chunk layout's shard of a chunk: named by what the chunk holds, not by its id."""
+        return join_uri(self.parts_dir, shard_name(chunk_size, out_keys))
+
     @property
     def index_dir(self) -> str:
         return join_uri(self.job_dir, INDEX_DIR)
@@ -106,6 +116,41 @@ class JobLayout:
     def coco_dir(self) -> str:
         return join_uri(self.job_dir, COCO_DIR)
 
+
+
+def shard_digest(out_keys: list[str]) -> str:
+    """A digest of a chunk's output keys in order: equal for equal chunks, whichever job planned them."""
+    digest = hashlib.blake2b(digest_size=SHARD_DIGEST_BYTES)
+    for key in out_keys:
+        digest.update(key.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def shard_name(chunk_size: int, out_keys: list[str]) -> str:
+    """``s<chunk size>-<digest>.parquet``: the size says with which chunking the shard was planned."""
+    return f"s{chunk_size}-{shard_digest(out_keys)}{PARQUET_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class ShardKey:
+    """A chunk layout shard found in a listing of ``<root>/_jobs/``."""
+
+    job_id: str
+    chunk_size: int
+    digest: str
+
+
+def shard_of_jobs_key(relative_key: str) -> ShardKey | None:
+    """The shard a key relative to ``<root>/_jobs/`` names; None for any other object."""
+    match = _SHARD_KEY.fullmatch(relative_key)
+    if match is None:
+        return None
+    return ShardKey(relative_key.split("/", 1)[0], int(match.group(1)), match.group(2))
+
+
+def jobs_dir_uri(output_root: str) -> str:
+    """The folder holding every job's folder (one LIST of it finds every shard of an output root)."""
+    return join_uri(output_root, JOB_DIR)
 
 
 def coco_shard_uri(folder: str, shard: int) -> str:

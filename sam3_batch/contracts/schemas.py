@@ -33,6 +33,21 @@ class OutputOptions(_Strict):
     # cutout: only the masked pixels (transparent, or black in jpg, elsewhere)
     masked_style: Literal["overlay", "cutout"] = "cutout"
     output_format: Literal["jpg", "png"] = "png"
+    # image: K.json per image is the done marker (small jobs); chunk: one Parquet shard per chunk holds every
+    # image's results and is the chunk's done marker (lakes, millions of images: far fewer PUTs and objects)
+    layout: Literal["image", "chunk"] = "image"
+    per_image_json: bool | None = None  # None: on in the image layout (it is the marker), off in the chunk one
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> OutputOptions:
+        if self.layout == "image" and self.per_image_json is False:
+            raise ValueError("the image layout always writes K.json (its done marker): use layout chunk")
+        return self
+
+    @property
+    def writes_per_image_json(self) -> bool:
+        """Whether each image gets its ``K.json``."""
+        return self.layout == "image" or bool(self.per_image_json)
 
 
 class Thresholds(_Strict):
@@ -59,6 +74,9 @@ class JobSpec(_Strict):
     state_ttl_s: int | None = Field(None, ge=1)  # job state expires this long after the job ended
     # `run --box`: one exemplar prompt applied to every image without prompts of its own.
     exemplar: ConceptPrompt | None = None
+    # Images per chunk as planned when the job was created; the chunk layout names shards by it and a resume
+    # keeps it, so the same listing gives the same chunks (and shard keys) again.
+    chunk_size: int | None = Field(None, ge=1)
 
     @property
     def source(self) -> str:
