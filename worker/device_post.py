@@ -1,0 +1,176 @@
+"""Mask post-processing on the model's device, shared by the detector (text, exemplars) and the tracker (objects).
+
+Kept instances are upsampled and thresholded in a few batched ops (consecutive rows of one image size
+together, bounded by a pixel budget), then encoded where they are (``worker.device_rle``): RLE runs, area and
+bbox always, bit-packed full masks only when the job writes PNG masks or masked images. Everything for the
+host goes in one buffer per kind, fetched with one copy: on CUDA non-blocking into pinned memory, followed by
+an event. ``start_masks`` is what runs under the model lock; ``PendingMasks.finish`` waits for the copy and
+does the host part (pycocotools' string compression, unpacking) once the lock is released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from sam3_batch.contracts.schemas import RLE
+from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PackedMasks, PromptDetections
+from sam3_batch.worker.device_rle import mask_codes, pack_bits
+from sam3_batch.worker.encode import rles_from_runs
+
+# Full-size float probabilities for this many pixels (x4 bytes) are upsampled at once: instances are
+# upsampled independently, so grouping them only bounds device memory and never changes a mask.
+UPSAMPLE_PIXEL_BUDGET = 64 * 1024 * 1024
+
+# (K, h, w) mask logits, the full size, the mask threshold -> (K, H, W) bool masks on the same device.
+Upsampler = Callable[[torch.Tensor, tuple[int, int], float], torch.Tensor]
+
+
+def sigmoid_then_upsample(logits: torch.Tensor, size_hw: tuple[int, int], threshold: float) -> torch.Tensor:
+    """The detector's order, as ``Sam3Processor.post_process_instance_segmentation``: probabilities are upsampled."""
+    probabilities = logits.float().sigmoid()
+    return F.interpolate(probabilities[None], size=size_hw, mode="bilinear", align_corners=False)[0] > threshold
+
+
+def upsample_then_sigmoid(logits: torch.Tensor, size_hw: tuple[int, int], threshold: float) -> torch.Tensor:
+    """The tracker's order, as ``post_process_masks``: logits are upsampled, then compared as probabilities."""
+    upsampled = F.interpolate(logits.float()[None], size=size_hw, mode="bilinear", align_corners=False)[0]
+    return upsampled.sigmoid() > threshold
+
+
+@dataclass(frozen=True)
+class RowMasks:
+    """One row's instances as the host receives them."""
+
+    codes: MaskCodes
+    packed: PackedMasks | None
+    masks: npt.NDArray[np.bool_] | None
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Consecutive rows of one image size, whose instances were upsampled together."""
+
+    size_hw: tuple[int, int]
+    counts: list[int]  # instances per row
+
+
+class PendingMasks:
+    """The encoded masks of a batch on their way to the host; ``finish`` waits for them (no lock needed)."""
+
+    def __init__(self, groups: list[_Group], codes: torch.Tensor, bits: torch.Tensor | None,
+                 delivery: MaskDelivery, copied: torch.cuda.Event | None) -> None:
+        self._groups, self._codes, self._bits = groups, codes, bits
+        self._delivery, self._copied = delivery, copied
+
+    def finish(self) -> list[RowMasks]:
+        """Each row's masks, in the order of the rows given to ``start_masks``."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        codes = self._codes.numpy()
+        total = sum(sum(group.counts) for group in self._groups)
+        run_counts, areas = codes[:total], codes[total : 2 * total]
+        bboxes = codes[2 * total : 6 * total].reshape(total, 4)
+        runs = codes[6 * total :]
+        bits = self._bits.numpy() if self._bits is not None else None
+        rows: list[RowMasks] = []
+        first = first_run = first_byte = 0
+        for group in self._groups:
+            count = sum(group.counts)
+            group_runs = int(run_counts[first : first + count].sum())
+            rles = rles_from_runs(runs[first_run : first_run + group_runs], run_counts[first : first + count],
+                                  group.size_hw)
+            row_bytes = -(-group.size_hw[0] * group.size_hw[1] // 8)
+            group_bits = (bits[first_byte : first_byte + count * row_bytes].reshape(count, row_bytes)
+                          if bits is not None else None)
+            start = 0
+            for row_count in group.counts:
+                part = slice(start, start + row_count)
+                rows.append(self._row(group.size_hw, rles[part], areas[first + start : first + start + row_count],
+                                      bboxes[first + start : first + start + row_count],
+                                      None if group_bits is None else group_bits[part]))
+                start += row_count
+            first, first_run, first_byte = first + count, first_run + group_runs, first_byte + count * row_bytes
+        return rows
+
+    def _row(self, size_hw: tuple[int, int], rles: list[RLE], areas: npt.NDArray[np.int32],
+             bboxes: npt.NDArray[np.int32], bits: npt.NDArray[np.uint8] | None) -> RowMasks:
+        codes = MaskCodes(size_hw, rles, areas.astype(np.int64), bboxes.astype(np.float64))
+        packed = PackedMasks(np.ascontiguousarray(bits), size_hw) if bits is not None else None
+        if self._delivery == "full" and packed is not None:
+            return RowMasks(codes, None, packed.unpacked())
+        return RowMasks(codes, packed, None)
+
+
+def start_masks(
+    logits: torch.Tensor,
+    rows: Sequence[tuple[tuple[int, int], int]],
+    threshold: float,
+    delivery: MaskDelivery,
+    upsample: Upsampler,
+) -> PendingMasks:
+    """Queue the post-processing of (K, h, w) instance ``logits``, split into ``rows`` of (size_hw, count)."""
+    groups = _consecutive_sizes(rows)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    bits: list[torch.Tensor] = []
+    first = 0
+    for group in groups:
+        count = sum(group.counts)
+        height, width = group.size_hw
+        step = max(1, UPSAMPLE_PIXEL_BUDGET // max(height * width, 1))
+        for start in range(first, first + count, step):
+            masks = upsample(logits[start : min(start + step, first + count)], group.size_hw, threshold)
+            found = mask_codes(masks)
+            parts.append((found.run_counts, found.areas, found.bboxes_xywh.flatten(), found.runs))
+            if delivery != "none":
+                bits.append(pack_bits(masks).flatten())
+        first += count
+    codes = torch.cat([torch.cat([part[k] for part in parts]).to(torch.int32) for k in range(4)]) if parts \
+        else torch.zeros(0, dtype=torch.int32, device=logits.device)
+    packed = None
+    if delivery != "none":
+        packed = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.uint8, device=logits.device)
+    return _fetch(groups, codes, packed, delivery)
+
+
+def _fetch(groups: list[_Group], codes: torch.Tensor, bits: torch.Tensor | None,
+           delivery: MaskDelivery) -> PendingMasks:
+    if codes.device.type != "cuda":
+        return PendingMasks(groups, codes.cpu(), None if bits is None else bits.cpu(), delivery, None)
+    # Page-locked destinations (torch's host allocator caches them) make the copies asynchronous; the
+    # event marks when both have landed, so the caller can release the model before waiting.
+    host_codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
+    host_codes.copy_(codes, non_blocking=True)
+    host_bits = None
+    if bits is not None:
+        host_bits = torch.empty(bits.shape, dtype=bits.dtype, pin_memory=True)
+        host_bits.copy_(bits, non_blocking=True)
+    copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    copied.record()
+    return PendingMasks(groups, host_codes, host_bits, delivery, copied)
+
+
+def _consecutive_sizes(rows: Sequence[tuple[tuple[int, int], int]]) -> list[_Group]:
+    """Rows of one image are consecutive: their instances go through one upsampling call."""
+    groups: list[_Group] = []
+    for size_hw, count in rows:
+        if groups and groups[-1].size_hw == size_hw:
+            groups[-1].counts.append(count)
+        else:
+            groups.append(_Group(size_hw, [count]))
+    return groups
+
+
+class PendingDetections:
+    """Detections whose masks are still on their way to the host; ``finish`` waits and assembles them."""
+
+    def __init__(self, masks: PendingMasks, assemble: Callable[[list[RowMasks]], list[PromptDetections]]) -> None:
+        self._masks, self._assemble = masks, assemble
+
+    def finish(self) -> list[PromptDetections]:
+        return self._assemble(self._masks.finish())
