@@ -28,9 +28,44 @@ class MaskCodesOnDevice:
 
 
 def mask_codes(masks: torch.Tensor) -> MaskCodesOnDevice:
-    """RLE runs, areas and bboxes of (N, H, W) bool masks, on their device."""
+    """RLE runs, areas and bboxes of (N, H, W) bool masks, on their device.
+
+    Areas and bboxes come from the runs (as pycocotools computes them), which are far fewer than the pixels.
+    """
     runs, run_counts = rle_runs_of(masks)
-    return MaskCodesOnDevice(runs, run_counts, mask_areas(masks), mask_bboxes_xywh(masks))
+    count, height, _width = masks.shape
+    if count == 0 or runs.shape[0] == count:  # no masks, or no pixels: nothing is set anywhere
+        areas = torch.zeros(count, dtype=torch.int64, device=masks.device)
+        return MaskCodesOnDevice(runs, run_counts, areas, areas.new_zeros((count, 4)))
+    mask_of_run = torch.repeat_interleave(torch.arange(count, device=masks.device), run_counts)
+    first_of_mask = run_counts.cumsum(0) - run_counts
+    slot = torch.arange(runs.shape[0], device=masks.device) - first_of_mask[mask_of_run]
+    ends = runs.to(torch.int64).cumsum(0)
+    ends = ends - (ends - runs)[first_of_mask][mask_of_run]  # one past each run's last pixel, within its mask
+    ones = (slot % 2 == 1) & (runs > 0)  # runs alternate zeros, ones, zeros, ...
+    areas = torch.zeros(count, dtype=torch.int64, device=masks.device).index_add_(
+        0, mask_of_run[ones], runs[ones].to(torch.int64))
+    return MaskCodesOnDevice(runs, run_counts, areas, _bboxes_of_runs(ends[ones] - runs[ones], ends[ones] - 1,
+                                                                      mask_of_run[ones], count, height))
+
+
+def _bboxes_of_runs(first: torch.Tensor, last: torch.Tensor, mask: torch.Tensor, count: int,
+                    height: int) -> torch.Tensor:
+    """pycocotools' ``rleToBbox`` from the runs of ones (column-major pixel indices of each run's ends)."""
+    x_first, y_first = first // height, first % height
+    x_last, y_last = last // height, last % height
+    # A run that wraps into the next column covers the column's end and the next one's start.
+    wraps = x_last > x_first
+    y_low = torch.where(wraps, 0, y_first)
+    y_high = torch.where(wraps, height - 1, y_last)
+    big = torch.iinfo(torch.int64).max
+    device = first.device
+    x0 = torch.full((count,), big, dtype=torch.int64, device=device).scatter_reduce(0, mask, x_first, "amin")
+    y0 = torch.full((count,), big, dtype=torch.int64, device=device).scatter_reduce(0, mask, y_low, "amin")
+    x1 = torch.full((count,), -1, dtype=torch.int64, device=device).scatter_reduce(0, mask, x_last, "amax")
+    y1 = torch.full((count,), -1, dtype=torch.int64, device=device).scatter_reduce(0, mask, y_high, "amax")
+    boxes = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1)
+    return boxes.masked_fill((x1 < 0)[:, None], 0)  # an empty mask has no run of ones: pycocotools gives zeros
 
 
 def rle_runs_of(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +85,8 @@ def rle_runs_of(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     starts[:, 0] = column_major[:, 0]
     torch.ne(column_major[:, 1:], column_major[:, :-1], out=starts[:, 1:])
     mask_of_start, position = starts.nonzero(as_tuple=True)  # row-major, so each mask's starts in order
-    run_counts = starts.sum(dim=1) + 1  # the initial run (of zeros, maybe empty) plus one per start
+    # The initial run (of zeros, maybe empty) plus one per start; counted from the starts, not the pixels.
+    run_counts = torch.bincount(mask_of_start, minlength=count) + 1
     ends = run_counts.cumsum(0)  # one past each mask's last run in the flat list
     # Each run's end: the next run's start, or the mask's last pixel; the k-th start of mask i (in the flat
     # nonzero order) ends the run in slot k + i, since masks before i each have one more run than starts.
@@ -60,34 +96,6 @@ def rle_runs_of(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     run_begins = run_ends.roll(1)
     run_begins[ends - run_counts] = 0
     return (run_ends - run_begins).to(torch.int32), run_counts
-
-
-def mask_areas(masks: torch.Tensor) -> torch.Tensor:
-    """Pixels set in each (H, W) mask: (N,) int64."""
-    _check_masks(masks)
-    return masks.sum(dim=(1, 2), dtype=torch.int64)
-
-
-def mask_bboxes_xywh(masks: torch.Tensor) -> torch.Tensor:
-    """pycocotools' ``toBbox`` of each mask: the tight (x, y, width, height) in pixels, zeros when empty."""
-    _check_masks(masks)
-    x0, x1 = _first_and_last(masks.any(dim=1))  # columns with a pixel set
-    y0, y1 = _first_and_last(masks.any(dim=2))  # rows with a pixel set
-    boxes = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], dim=1)
-    empty = ~masks.flatten(1).any(dim=1) if masks.shape[1] * masks.shape[2] else masks.new_ones(masks.shape[0])
-    return boxes.masked_fill(empty[:, None], 0)
-
-
-def _first_and_last(occupied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the first and the last True along dim 1 of (N, L) (argmax returns the first maximum)."""
-    length = occupied.shape[1]
-    if length == 0:
-        zero = torch.zeros(occupied.shape[0], dtype=torch.int64, device=occupied.device)
-        return zero, zero - 1
-    as_bytes = occupied.to(torch.uint8)
-    first = as_bytes.argmax(dim=1)
-    last = length - 1 - as_bytes.flip(1).argmax(dim=1)
-    return first, last
 
 
 def pack_bits(masks: torch.Tensor) -> torch.Tensor:
