@@ -118,10 +118,12 @@ class HostEncodedMasks(PendingMasks):
     def finish(self) -> list[RowMasks]:
         rows: list[RowMasks] = []
         for group, slices in zip(self._groups, self._masks, strict=True):
-            masks = np.concatenate(slices) if len(slices) != 1 else slices[0]
+            codes = [MaskCodes.of_masks(part) for part in slices]  # slice by slice: no copy of the masks
+            merged = MaskCodes(group.size_hw, [rle for c in codes for rle in c.rles],
+                               np.concatenate([c.areas for c in codes]), np.concatenate([c.bboxes_xywh for c in codes]))
             # Bool masks go to the writer as they are (shared memory): packing would cost as much as it saves.
-            full = masks if self._delivery != "none" else None
-            rows += _split_rows(group, MaskCodes.of_masks(masks), None, full, self._delivery)
+            full = (np.concatenate(slices) if len(slices) != 1 else slices[0]) if self._delivery != "none" else None
+            rows += _split_rows(group, merged, None, full, self._delivery)
         return rows
 
 
