@@ -7,6 +7,7 @@ RLEs, areas, boxes and masks, through ``start_masks`` and through the whole runt
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from sam3_batch.contracts.schemas import JobSpec, OutputOptions, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.worker import device_post
+from sam3_batch.worker import device_post, shared_arrays
 from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PackedMasks, PromptDetections
 from sam3_batch.worker.device_post import (
     RowMasks,
@@ -25,6 +26,7 @@ from sam3_batch.worker.device_post import (
     upsample_then_sigmoid,
 )
 from sam3_batch.worker.runtime import Sam3Runtime
+from sam3_batch.worker.stage_pools import StagePool
 from sam3_batch.worker.writer import WriteRequest, masks_for_writer, write_image_outputs
 from tests.fixtures.model import scene_image
 
@@ -177,3 +179,30 @@ def test_writer_outputs_from_device_codes_are_byte_identical_to_host_encoded_mas
     expected = _written(tmp_path, "host", host_masks, spec)
     assert _written(tmp_path, "device", device, spec) == expected
     assert len(expected) == (1 + 10 + 1 if outputs.png_masks else 1)  # metadata, 10 PNG masks, masked image
+
+
+@dataclass(frozen=True)
+class _NoSetup:
+    def __call__(self, own_process: bool) -> int:
+        return 0
+
+
+def _unpacked_in_a_writer(_: int, found: PromptDetections) -> np.ndarray:
+    return found.full_masks()
+
+
+def test_packed_masks_from_the_device_buffer_reach_a_writer_process_intact() -> None:
+    # The bits are views into the one buffer the device copied: they must still cross in shared memory.
+    logits = _logits(6, seed=5)
+    [row] = start_masks(logits, [((300, 400), 6)], 0.5, "packed", sigmoid_then_upsample,
+                        encode_on_device=True).finish()
+    assert row.packed is not None and row.packed.bits.nbytes >= shared_arrays.SHARED_MIN_BYTES
+    found = PromptDetections("p", None, np.ones(6, np.float32), np.zeros((6, 4), np.float32),
+                             codes=row.codes, packed=row.packed)
+    pool = StagePool("test", _NoSetup(), mode="processes", workers=1)
+    try:
+        unpacked = pool.start(_unpacked_in_a_writer, found).result(timeout=120)
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(unpacked, row.packed.unpacked())
+    assert unpacked.any()

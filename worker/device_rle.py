@@ -37,7 +37,9 @@ def mask_codes(masks: torch.Tensor) -> MaskCodesOnDevice:
     if count == 0 or runs.shape[0] == count:  # no masks, or no pixels: nothing is set anywhere
         areas = torch.zeros(count, dtype=torch.int64, device=masks.device)
         return MaskCodesOnDevice(runs, run_counts, areas, areas.new_zeros((count, 4)))
-    mask_of_run = torch.repeat_interleave(torch.arange(count, device=masks.device), run_counts)
+    # output_size: known on the host, so CUDA needs no sync to size the result.
+    mask_of_run = torch.repeat_interleave(torch.arange(count, device=masks.device), run_counts,
+                                          output_size=runs.shape[0])
     first_of_mask = run_counts.cumsum(0) - run_counts
     slot = torch.arange(runs.shape[0], device=masks.device) - first_of_mask[mask_of_run]
     ends = runs.to(torch.int64).cumsum(0)
