@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -65,8 +66,21 @@ class _Group:
     counts: list[int]  # instances per row
 
 
-class PendingMasks:
-    """The encoded masks of a batch on their way to the host; ``finish`` waits for them (no lock needed)."""
+class PendingMasks(Protocol):
+    """A batch's masks after the device work: ``finish`` waits for them and does the host's part (no lock)."""
+
+    @property
+    def bytes_to_host(self) -> int:
+        """What the device copies to the host for this batch."""
+        ...
+
+    def finish(self) -> list[RowMasks]:
+        """Each row's masks, in the order of the rows given to ``start_masks``."""
+        ...
+
+
+class DeviceEncodedMasks:
+    """Runs, areas, bboxes (and packed bits) encoded on the device, in one buffer each, on their way to the host."""
 
     def __init__(self, groups: list[_Group], codes: torch.Tensor, bits: torch.Tensor | None,
                  delivery: MaskDelivery, copied: torch.cuda.Event | None) -> None:
@@ -104,7 +118,7 @@ class PendingMasks:
         return rows
 
 
-class HostEncodedMasks(PendingMasks):
+class HostEncodedMasks:
     """Masks thresholded on the CPU: there the "device" is the host, and pycocotools' C encoder (in ``finish``,
     outside the model lock) costs less CPU than the torch encoder, so the masks stay bool until then."""
 
@@ -113,7 +127,7 @@ class HostEncodedMasks(PendingMasks):
 
     @property
     def bytes_to_host(self) -> int:
-        return 0
+        return 0  # the masks never left the host
 
     def finish(self) -> list[RowMasks]:
         rows: list[RowMasks] = []
@@ -196,7 +210,7 @@ def start_masks(
 def _fetch(groups: list[_Group], codes: torch.Tensor, bits: torch.Tensor | None,
            delivery: MaskDelivery) -> PendingMasks:
     if codes.device.type != "cuda":
-        return PendingMasks(groups, codes.cpu(), None if bits is None else bits.cpu(), delivery, None)
+        return DeviceEncodedMasks(groups, codes.cpu(), None if bits is None else bits.cpu(), delivery, None)
     # Page-locked destinations (torch's host allocator caches them) make the copies asynchronous; the
     # event marks when both have landed, so the caller can release the model before waiting.
     host_codes = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
@@ -207,7 +221,7 @@ def _fetch(groups: list[_Group], codes: torch.Tensor, bits: torch.Tensor | None,
         host_bits.copy_(bits, non_blocking=True)
     copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
     copied.record()
-    return PendingMasks(groups, host_codes, host_bits, delivery, copied)
+    return DeviceEncodedMasks(groups, host_codes, host_bits, delivery, copied)
 
 
 def _consecutive_sizes(rows: Sequence[tuple[tuple[int, int], int]]) -> list[_Group]:
