@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from sam3_batch.contracts.schemas import Thresholds
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 
 NOOP_MODEL_ID = "bench/noop"
 
@@ -37,7 +37,8 @@ class NoopRuntime:
     preparer = staticmethod(_prepare_nothing)
 
     def segment(
-        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
     ) -> list[list[PromptDetections]]:
         """One empty detection per prompt of each image, in the order given."""
         if len(images) != len(prompts):

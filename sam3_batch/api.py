@@ -74,7 +74,8 @@ class Segmenter:
         from sam3_batch.worker.writer import WriteRequest, build_metadata
 
         prepared = [self.runtime.preparer(image) for _, image in batch]
-        found = self.runtime.segment(prepared, [list(spec.prompts)] * len(batch), spec.thresholds)
+        # Metadata only: RLE, area and bbox come from the device, no full-size mask crosses to the host.
+        found = self.runtime.segment(prepared, [list(spec.prompts)] * len(batch), spec.thresholds, "none")
         results = []
         for (item, image), detections in zip(batch, found, strict=True):
             job = WriteRequest(spec, API_JOB_ID, item, (image.width, image.height), None, detections, {})

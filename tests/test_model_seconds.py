@@ -12,7 +12,7 @@ from pathlib import Path
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.model_input import PreparedImage, Preparer
 from sam3_batch.worker.pipeline import ChunkContext, ChunkResult, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
@@ -34,10 +34,11 @@ class TimedRuntime:
         return self.inner.preparer
 
     def segment(
-        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
     ) -> list[list[PromptDetections]]:
         start = time.perf_counter()
-        found = self.inner.segment(images, prompts, thresholds)
+        found = self.inner.segment(images, prompts, thresholds, masks)
         self.calls.append((threading.current_thread().name, start, time.perf_counter()))
         return found
 

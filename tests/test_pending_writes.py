@@ -12,7 +12,7 @@ import pytest
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.pipeline import ChunkContext, pending_writes_limit, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
 from sam3_batch.worker.stage_pools import StagePool
@@ -48,12 +48,13 @@ class GateOpeningRuntime:
         return self.inner.preparer
 
     def segment(
-        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
     ) -> list[list[PromptDetections]]:
         self.calls += 1
         if self.calls == BOUND + 2:
             self.gate.set()
-        return self.inner.segment(images, prompts, thresholds)
+        return self.inner.segment(images, prompts, thresholds, masks)
 
 
 def test_no_more_than_the_bound_of_images_wait_for_a_stalled_writer(

@@ -16,7 +16,7 @@ from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, JobSpec, O
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import decode_image
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.encode import decode_rle
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.runtime import CPU_BATCH_SIZE, Sam3Runtime
@@ -51,11 +51,12 @@ class RecordingRuntime:
         return self.inner.suggest_batch_size()
 
     def segment(
-        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
     ) -> list[list[PromptDetections]]:
         with self._lock:
             self.batch_sizes.append(len(images))
-        return self.inner.segment(images, prompts, thresholds)
+        return self.inner.segment(images, prompts, thresholds, masks)
 
 
 @pytest.fixture(scope="module")

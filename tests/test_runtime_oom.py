@@ -8,7 +8,8 @@ import torch
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from sam3_batch.contracts.schemas import ConceptPrompt, ObjectPrompt, PromptSpec, Thresholds
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery
+from sam3_batch.worker.device_post import PendingDetections
 from sam3_batch.worker.runtime import PreparedImage, Sam3Runtime, _Rows
 from sam3_batch.worker.visual_prompts import VisualRequest
 from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, assert_same_detections, scene_image
@@ -32,12 +33,12 @@ class MemoryCappedRuntime(Sam3Runtime):
         return super()._vision_features(pixel_values)
 
     def _detect_rows(
-        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds
-    ) -> list[PromptDetections]:
+        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds, masks: MaskDelivery
+    ) -> PendingDetections:
         self.row_attempts.append(len(rows.prompts))
         if len(rows.prompts) > self.max_rows:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return super()._detect_rows(vision, rows, thresholds)
+        return super()._detect_rows(vision, rows, thresholds, masks)
 
 
 def _capped(runtime: Sam3Runtime, max_images: int, max_rows: int = 1_000_000) -> MemoryCappedRuntime:

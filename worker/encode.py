@@ -38,6 +38,34 @@ def encode_rle_batch(masks: BoolMask) -> list[RLE]:
     return [_to_rle(raw) for raw in mask_utils.encode(stacked)]
 
 
+def rles_from_runs(
+    runs: npt.NDArray[np.integer], run_counts: npt.NDArray[np.integer], size_hw: tuple[int, int]
+) -> list[RLE]:
+    """COCO RLEs (compressed string counts) of masks given as concatenated uncompressed runs (``worker.device_rle``).
+
+    pycocotools compresses all of them in one call, exactly as ``encode`` would have (the same C function).
+    """
+    if len(run_counts) == 0:
+        return []
+    height, width = size_hw
+    ends = np.cumsum(run_counts)
+    if int(ends[-1]) != len(runs):
+        raise ValueError(f"run counts add up to {int(ends[-1])} but {len(runs)} runs were given")
+    uncompressed = [{"size": [height, width], "counts": part} for part in np.split(runs, ends[:-1])]
+    return [_to_rle(raw) for raw in mask_utils.frPyObjects(uncompressed, height, width)]
+
+
+def unpack_masks(packed: npt.NDArray[np.uint8], size_hw: tuple[int, int]) -> BoolMask:
+    """(N, H, W) bool masks from (N, ceil(H*W/8)) bytes in np.packbits' layout (``worker.device_rle.pack_bits``)."""
+    height, width = size_hw
+    if packed.ndim != 2 or packed.dtype != np.uint8 or packed.shape[1] != -(-height * width // 8):
+        raise ValueError(f"packed masks of {width}x{height} (WxH) must be (N, {-(-height * width // 8)}) uint8, "
+                         f"got {packed.shape} {packed.dtype}")
+    bits = np.unpackbits(packed, axis=1, count=height * width)
+    masks: BoolMask = bits.view(np.bool_).reshape(packed.shape[0], height, width)
+    return masks
+
+
 def decode_rle(rle: RLE) -> BoolMask:
     """The (H, W) bool mask an RLE describes."""
     decoded: npt.NDArray[np.uint8] = mask_utils.decode(_to_coco(rle))

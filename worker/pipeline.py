@@ -21,7 +21,7 @@ from sam3_batch.contracts.schemas import ChunkMessage, ImageMetadata, ItemOutcom
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker import metrics
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.io_stages import (
     AlreadyDone,
     DoneCheck,
@@ -45,7 +45,7 @@ from sam3_batch.worker.visual_prompts import (
     fit_prompts,
     has_visual_prompts,
 )
-from sam3_batch.worker.writer import WriteRequest
+from sam3_batch.worker.writer import WriteRequest, masks_for_writer
 
 T = TypeVar("T")
 
@@ -62,7 +62,8 @@ class SegmentationRuntime(Protocol):
         ...
 
     def segment(
-        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
     ) -> list[list[PromptDetections]]: ...
 
 
@@ -264,7 +265,7 @@ class _ChunkRun:
         """The model's detections and the seconds it took: timed once this chunk has the model's turn."""
         with self.ctx.model_turn:
             start = time.perf_counter()
-            found = _segment_by_prompt_kind(self.ctx.runtime, batch, self.spec.thresholds)
+            found = _segment_by_prompt_kind(self.ctx.runtime, batch, self.spec)
             return found, time.perf_counter() - start
 
     def run_single(self, entry: LoadedImage) -> None:
@@ -331,18 +332,17 @@ def _with_fitted_prompts(loaded: LoadedImage) -> LoadedImage:
 Segmented = list[tuple[list[PromptDetections], list[PromptDetections]]]  # per image: concepts, objects
 
 
-def _segment_by_prompt_kind(
-    runtime: SegmentationRuntime, batch: list[LoadedImage], thresholds: Thresholds
-) -> Segmented:
+def _segment_by_prompt_kind(runtime: SegmentationRuntime, batch: list[LoadedImage], spec: JobSpec) -> Segmented:
     """Text prompts alone go through ``segment``; a batch with visual prompts through ``segment_visual``."""
+    thresholds, masks = spec.thresholds, masks_for_writer(spec)
     if not any(has_visual_prompts(b.prompts, b.objects) for b in batch):
         texts = [[p for p in b.prompts if isinstance(p, str)] for b in batch]
-        return [(found, []) for found in runtime.segment([b.prepared for b in batch], texts, thresholds)]
+        return [(found, []) for found in runtime.segment([b.prepared for b in batch], texts, thresholds, masks)]
     segment_visual = getattr(runtime, "segment_visual", None)
     if not callable(segment_visual):
         raise ItemError("this runtime does not support visual prompts (exemplar boxes, objects)")
     requests = [VisualRequest(b.prompts, b.objects) for b in batch]
-    results: list[VisualResult] = segment_visual([b.prepared for b in batch], requests, thresholds)
+    results: list[VisualResult] = segment_visual([b.prepared for b in batch], requests, thresholds, masks)
     return [(result.concepts, result.objects) for result in results]
 
 

@@ -17,15 +17,15 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, 
 
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.compile_toolchain import require_compile_toolchain
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
+from sam3_batch.worker.device_post import UPSAMPLE_PIXEL_BUDGET, PendingDetections
 from sam3_batch.worker.model_input import PreparedImage
 from sam3_batch.worker.precision import Precision, keep_heads_in_float32, resolve_precision
 from sam3_batch.worker.sam3_adapter import (
-    UPSAMPLE_PIXEL_BUDGET,
     as_text_embeds,
     select_vision_rows,
+    start_detections,
     text_features,
-    to_detections,
 )
 from sam3_batch.worker.tiny_model import resolve_model, resolve_tracker
 from sam3_batch.worker.visual_prompts import VisualRequest, VisualResult
@@ -44,6 +44,9 @@ AUTO_BATCH_LIMIT = 64  # past this a GPU is saturated; bigger batches only add l
 AUTO_BATCH_PROMPTS = 4  # prompts per image the probe assumes; jobs with more rely on the OOM split
 # Fraction of free GPU memory the batch may plan on: the rest absorbs allocator fragmentation.
 AUTO_BATCH_MEMORY_SHARE = 0.85
+
+# A batch whose device work is done and whose results are on their way to the host.
+_Finish = Callable[[], list[list[PromptDetections]]]
 
 
 @dataclass(frozen=True)
@@ -206,15 +209,22 @@ class Sam3Runtime:
         return self.preparer(image)
 
     def segment(
-        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
     ) -> list[list[PromptDetections]]:
-        """Segment each image with its own prompts; ``result[i][j]`` is image i, prompt j."""
+        """Segment each image with its own prompts; ``result[i][j]`` is image i, prompt j.
+
+        ``masks`` says what of the full-size masks crosses to the host; RLE, area and bbox always do.
+        """
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompt lists")
         if not images:
             return []
         with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
-            return self._segment_splitting_on_oom(images, prompts, thresholds)
+            finishers = self._split_on_oom(images, prompts, lambda part, asked: self._segment_batch(
+                part, asked, thresholds, masks))
+        # The model is free for the next batch while this one's results land on the host and are assembled.
+        return [found for finish in finishers for found in finish()]
 
     def warm_up(self, batch_size: int) -> list[int]:
         """Run every batch size torch.compile must see (blank images), so no chunk waits for a compilation.
@@ -229,7 +239,8 @@ class Sam3Runtime:
         return sizes
 
     def segment_visual(
-        self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds
+        self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
     ) -> list[VisualResult]:
         """Segment each image with its text, exemplar and object prompts: one vision pass for all of them."""
         if len(images) != len(requests):
@@ -237,8 +248,9 @@ class Sam3Runtime:
         if not images:
             return []
         with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
-            return self._split_on_oom(images, requests, lambda part, asked: self._segment_visual_batch(
-                part, asked, thresholds))
+            finishers = self._split_on_oom(images, requests, lambda part, asked: self._start_visual_batch(
+                part, asked, thresholds, masks))
+        return [found for finish in finishers for found in finish()]
 
     def suggest_batch_size(self, prompts_per_image: int = AUTO_BATCH_PROMPTS, limit: int = AUTO_BATCH_LIMIT) -> int:
         """Images per batch for this device: on CUDA, what fits the free memory, probed with 1 and 2 images.
@@ -277,7 +289,7 @@ class Sam3Runtime:
         torch.cuda.reset_peak_memory_stats(self.device)
         # Not segment(): its OOM split would hide the very limit being measured.
         with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
-            self._segment_batch([blank] * images, [prompts] * images, Thresholds(score=0.0, mask=0.5))
+            self._segment_batch([blank] * images, [prompts] * images, Thresholds(score=0.0, mask=0.5), "full")()
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         self._release_cached_memory()
         return peak
@@ -286,18 +298,17 @@ class Sam3Runtime:
         size: Any = self.processor.image_processor.size
         return int(size["height"])
 
-    def _segment_splitting_on_oom(
-        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
-    ) -> list[list[PromptDetections]]:
-        return self._split_on_oom(images, prompts, lambda part, asked: self._segment_batch(part, asked, thresholds))
-
     def _split_on_oom(
         self, images: list[PreparedImage], asked: list[_Asked],
-        run: Callable[[list[PreparedImage], list[_Asked]], list[_Found]],
-    ) -> list[_Found]:
-        """``run`` over the batch; out of GPU memory, over its halves, recursively, down to one image."""
+        run: Callable[[list[PreparedImage], list[_Asked]], Callable[[], list[_Found]]],
+    ) -> list[Callable[[], list[_Found]]]:
+        """``run`` over the batch; out of GPU memory, over its halves, recursively, down to one image.
+
+        ``run`` queues the device work and returns what finishes it on the host; the finishers are returned
+        in order, to be called after the model lock is released.
+        """
         try:
-            return run(images, asked)
+            return [run(images, asked)]
         except torch.OutOfMemoryError:
             if len(images) == 1:
                 raise
@@ -310,35 +321,48 @@ class Sam3Runtime:
         first = self._split_on_oom(images[:half], asked[:half], run)
         return first + self._split_on_oom(images[half:], asked[half:], run)
 
-    def _segment_visual_batch(
-        self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds
-    ) -> list[VisualResult]:
+    def _start_visual_batch(
+        self, images: list[PreparedImage], requests: list[VisualRequest], thresholds: Thresholds,
+        masks: MaskDelivery,
+    ) -> Callable[[], list[VisualResult]]:
         sizes_hw = [image.original_size_hw for image in images]
-        return self.visual.segment(self._stack(images), requests, sizes_hw, thresholds)
+        return self.visual.start(self._stack(images), requests, sizes_hw, thresholds, masks)
 
     def _segment_batch(
-        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds
-    ) -> list[list[PromptDetections]]:
-        """One vision pass for the batch, then the detector over slices of its (image, prompt) rows."""
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds, masks: MaskDelivery
+    ) -> _Finish:
+        """One vision pass for the batch, then the detector over slices of its (image, prompt) rows.
+
+        Returns what finishes the batch on the host (no model needed); the device work is queued.
+        """
         rows = _Rows.of(images, prompts)
         if not rows.prompts:
-            return [[] for _ in images]
+            return lambda: [[] for _ in images]
         vision = self._vision_features(self._stack(images))
-        flat: list[PromptDetections] = []
-        while len(flat) < len(rows.prompts):
-            flat += self._detect_rows_within_limit(vision, rows.part(len(flat), self.row_limit), thresholds)
-        grouped: list[list[PromptDetections]] = []
-        for image_prompts in prompts:
-            grouped.append(flat[: len(image_prompts)])
-            flat = flat[len(image_prompts) :]
-        return grouped
+        pending: list[PendingDetections] = []
+        done = 0
+        while done < len(rows.prompts):
+            part = self._detect_rows_within_limit(vision, rows.part(done, self.row_limit), thresholds, masks)
+            if part is not None:
+                pending.append(part[0])
+                done += part[1]
+
+        def finish() -> list[list[PromptDetections]]:
+            flat = [found for part in pending for found in part.finish()]
+            grouped: list[list[PromptDetections]] = []
+            for image_prompts in prompts:
+                grouped.append(flat[: len(image_prompts)])
+                flat = flat[len(image_prompts) :]
+            return grouped
+
+        return finish
 
     def _detect_rows_within_limit(
-        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds
-    ) -> list[PromptDetections]:
-        """The detector over ``rows``; out of memory, it lowers (and keeps) ``row_limit`` and does fewer."""
+        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds, masks: MaskDelivery
+    ) -> tuple[PendingDetections, int] | None:
+        """The detector over ``rows`` (and how many); out of memory, it lowers (and keeps) ``row_limit``."""
         try:
-            return self._detect_rows(vision, rows, thresholds)
+            return self._detect_rows(vision, rows, thresholds, masks), len(rows.prompts)
         except torch.OutOfMemoryError:
             if len(rows.prompts) == 1:
                 raise
@@ -347,15 +371,15 @@ class Sam3Runtime:
         self.row_limit = len(rows.prompts) // 2
         logger.warning("out of GPU memory on %d image-prompt rows: at most %d per detector pass from now on",
                        len(rows.prompts), self.row_limit)
-        return []
+        return None
 
     def _vision_features(self, pixel_values: torch.Tensor) -> Sam3VisionEncoderOutput:
         vision: Sam3VisionEncoderOutput = self.model.get_vision_features(pixel_values=pixel_values)
         return vision
 
     def _detect_rows(
-        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds
-    ) -> list[PromptDetections]:
+        self, vision: Sam3VisionEncoderOutput, rows: _Rows, thresholds: Thresholds, masks: MaskDelivery
+    ) -> PendingDetections:
         """The detector and post-processing for ``rows`` (row k: image ``rows.images[k]``, its prompt)."""
         # Built on the host: no device sync.
         image_of_row = torch.tensor(rows.images, dtype=torch.long).to(self.device, non_blocking=True)
@@ -365,7 +389,7 @@ class Sam3Runtime:
             text_embeds=as_text_embeds(features),
             attention_mask=attention_mask,
         )
-        return to_detections(outputs, rows.prompts, rows.sizes_hw, thresholds)
+        return start_detections(outputs, rows.prompts, rows.sizes_hw, thresholds, masks)
 
     def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
         pixels = [image.pixel_values.to(self.dtype) for image in images]

@@ -3,8 +3,8 @@
 It also knows the shapes of the vision/text features the runtime caches and feeds back in
 (``vision_embeds=``, ``text_embeds=``). ``to_detections`` re-implements the processor's
 ``post_process_instance_segmentation`` on the model's device, in the same order of operations (sigmoid,
-score filter, bilinear upsampling, mask threshold), so results match the processor's; masks become bool
-on the device and only they cross to the host.
+score filter, bilinear upsampling, mask threshold), so results match the processor's; the masks are then
+encoded on the device (``worker.device_post``) and only their RLEs (and, if asked, packed bits) cross.
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
 from sam3_batch.contracts.errors import Sam3BatchError
 from sam3_batch.contracts.schemas import Thresholds
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
+from sam3_batch.worker.device_post import (
+    PendingDetections,
+    RowMasks,
+    sigmoid_then_upsample,
+    start_masks,
+)
 
-# Full-size float probabilities for this many pixels (x4 bytes) are upsampled at once: instances are
-# upsampled independently, so grouping them only bounds device memory and never changes a mask.
-UPSAMPLE_PIXEL_BUDGET = 64 * 1024 * 1024
 BOX_PAD_LABEL = -10  # Sam3Processor's padding label for exemplar boxes
 
 
@@ -36,8 +38,20 @@ def to_detections(
     prompts: Sequence[str],
     sizes_hw: Sequence[tuple[int, int]],
     thresholds: Thresholds,
+    delivery: MaskDelivery = "full",
 ) -> list[PromptDetections]:
-    """One ``PromptDetections`` per output row (one row per image-prompt pair).
+    """One ``PromptDetections`` per output row (one row per image-prompt pair), waiting for the masks."""
+    return start_detections(outputs, prompts, sizes_hw, thresholds, delivery).finish()
+
+
+def start_detections(
+    outputs: Sam3ImageSegmentationOutput,
+    prompts: Sequence[str],
+    sizes_hw: Sequence[tuple[int, int]],
+    thresholds: Thresholds,
+    delivery: MaskDelivery,
+) -> PendingDetections:
+    """The detections of each output row, their masks post-processed on the device and still on their way.
 
     ``prompts`` and ``sizes_hw`` name each row's prompt and its image's original (height, width).
     """
@@ -57,22 +71,25 @@ def to_detections(
     _check_finite(scores_host, boxes_host, logits.dtype)
     keep_host = scores_host > thresholds.score
     presence_host = presence.cpu().tolist() if presence is not None else [None] * rows
-    detections = []
-    for row in range(rows):
-        kept = keep_host[row].nonzero().squeeze(1)  # host indices: no device sync per row
-        masks = _full_size_masks(
-            mask_logits[row].index_select(0, kept.to(mask_logits.device)), sizes_hw[row], thresholds.mask
-        )
-        detections.append(
+    kept = [keep_host[row].nonzero().squeeze(1) for row in range(rows)]  # host indices: no device sync
+    # Every row's kept instances in one gather, row after row: (K, h, w).
+    flat_index = torch.cat([row * logits.shape[1] + k for row, k in enumerate(kept)])
+    instance_logits = mask_logits.flatten(0, 1).index_select(0, flat_index.to(mask_logits.device))
+    pending = start_masks(instance_logits, [(size, len(k)) for size, k in zip(sizes_hw, kept, strict=True)],
+                          thresholds.mask, delivery, sigmoid_then_upsample)
+
+    def assemble(masks: list[RowMasks]) -> list[PromptDetections]:
+        return [
             PromptDetections(
-                prompt=prompts[row],
-                presence_score=presence_host[row],
-                scores=scores_host[row, kept].numpy().astype(np.float32),
-                boxes_xyxy=_scaled_boxes(boxes_host[row, kept], sizes_hw[row]),
-                masks=masks,
+                prompt=prompts[row], presence_score=presence_host[row],
+                scores=scores_host[row, kept[row]].numpy().astype(np.float32),
+                boxes_xyxy=_scaled_boxes(boxes_host[row, kept[row]], sizes_hw[row]),
+                masks=found.masks, codes=found.codes, packed=found.packed,
             )
-        )
-    return detections
+            for row, found in enumerate(masks)
+        ]
+
+    return PendingDetections(pending, assemble)
 
 
 def select_vision_rows(vision: Sam3VisionEncoderOutput, rows: torch.Tensor) -> Sam3VisionEncoderOutput:
@@ -141,27 +158,6 @@ def _scaled_boxes(relative_xyxy: torch.Tensor, size_hw: tuple[int, int]) -> np.n
     height, width = size_hw
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     return (relative_xyxy * scale).numpy().astype(np.float32).reshape(-1, 4)
-
-
-def _full_size_masks(mask_logits: torch.Tensor, size_hw: tuple[int, int], threshold: float) -> np.ndarray:
-    height, width = size_hw
-    count = mask_logits.shape[0]
-    if count == 0:
-        return np.zeros((0, height, width), dtype=np.bool_)
-    group = max(1, UPSAMPLE_PIXEL_BUDGET // (height * width))
-    parts = [
-        _upsample_and_threshold(mask_logits[start : start + group], size_hw, threshold).cpu()
-        for start in range(0, count, group)
-    ]
-    return torch.cat(parts).numpy()
-
-
-def _upsample_and_threshold(
-    mask_logits: torch.Tensor, size_hw: tuple[int, int], threshold: float
-) -> torch.Tensor:
-    probabilities = mask_logits.float().sigmoid()
-    upsampled = F.interpolate(probabilities[None], size=size_hw, mode="bilinear", align_corners=False)[0]
-    return upsampled > threshold
 
 
 def exemplar_inputs(

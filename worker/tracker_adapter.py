@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import Sam3Model, Sam3TrackerModel
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 from transformers.models.sam3_tracker.modeling_sam3_tracker import Sam3TrackerImageSegmentationOutput
 
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
+from sam3_batch.worker.device_post import PendingDetections, RowMasks, start_masks, upsample_then_sigmoid
 
 
 def same_vision_backbone(detector: Sam3Model, tracker: Sam3TrackerModel) -> bool:
@@ -97,44 +97,50 @@ def to_object_detections(
     names: Sequence[str],
     sizes_hw: Sequence[tuple[int, int]],
     mask_threshold: float,
+    delivery: MaskDelivery = "full",
 ) -> list[PromptDetections]:
     """One detection per object row: the best of its multimask outputs by predicted IoU, with that score."""
+    return start_object_detections(outputs, names, sizes_hw, mask_threshold, delivery).finish()
+
+
+def start_object_detections(
+    outputs: Sam3TrackerImageSegmentationOutput,
+    names: Sequence[str],
+    sizes_hw: Sequence[tuple[int, int]],
+    mask_threshold: float,
+    delivery: MaskDelivery,
+) -> PendingDetections:
+    """``to_object_detections`` with the masks post-processed on the device and still on their way."""
     iou = _required(outputs.iou_scores, "iou_scores")[:, 0].float()  # (G, M)
     masks = _required(outputs.pred_masks, "pred_masks")[:, 0]  # (G, M, h, w) logits
     best = iou.argmax(dim=1)
     rows = torch.arange(iou.shape[0], device=iou.device)
     best_scores = iou[rows, best].cpu()
-    best_masks = masks[rows, best]  # (G, h, w)
     object_logits: Any = outputs.object_score_logits
     object_scores = object_logits.float().sigmoid().reshape(-1).cpu().tolist() if object_logits is not None else None
-    found = []
-    for row, size_hw in enumerate(sizes_hw):
-        mask = _full_size_mask(best_masks[row], size_hw, mask_threshold)
-        found.append(
+    pending = start_masks(masks[rows, best], [(size, 1) for size in sizes_hw], mask_threshold, delivery,
+                          upsample_then_sigmoid)
+
+    def assemble(found: list[RowMasks]) -> list[PromptDetections]:
+        return [
             PromptDetections(
                 prompt=names[row],
                 presence_score=object_scores[row] if object_scores is not None else None,
                 scores=best_scores[row : row + 1].numpy().astype(np.float32),
-                boxes_xyxy=_mask_box(mask)[None],
-                masks=mask[None],
+                boxes_xyxy=_box_of_mask(one.codes.bboxes_xywh),
+                masks=one.masks, codes=one.codes, packed=one.packed,
             )
-        )
-    return found
+            for row, one in enumerate(found)
+        ]
+
+    return PendingDetections(pending, assemble)
 
 
-def _full_size_mask(logits: torch.Tensor, size_hw: tuple[int, int], threshold: float) -> np.ndarray:
-    # Logits are upsampled (as post_process_masks does), then compared: sigmoid(x) > p is x > logit(p).
-    upsampled = F.interpolate(logits.float()[None, None], size=size_hw, mode="bilinear", align_corners=False)
-    mask: np.ndarray = (upsampled[0, 0].sigmoid() > threshold).cpu().numpy()
-    return mask
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    """The tight xyxy pixel box around a mask (zeros when it is empty)."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return np.zeros(4, dtype=np.float32)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+def _box_of_mask(bboxes_xywh: np.ndarray) -> np.ndarray:
+    """The tight xyxy pixel box around each mask (zeros when it is empty), from its COCO bbox."""
+    boxes = bboxes_xywh.astype(np.float32).reshape(-1, 4).copy()
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes
 
 
 def _required(tensor: torch.Tensor | None, name: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from sam3_batch.contracts.errors import ItemError
 from sam3_batch.contracts.schemas import ConceptPrompt, ObjectPrompt, PromptSpec, Thresholds, prompt_name
-from sam3_batch.worker.detections import PromptDetections
-from sam3_batch.worker.sam3_adapter import as_text_embeds, exemplar_inputs, select_vision_rows, to_detections
+from sam3_batch.worker.detections import MaskDelivery, PromptDetections
+from sam3_batch.worker.device_post import PendingDetections
+from sam3_batch.worker.sam3_adapter import as_text_embeds, exemplar_inputs, select_vision_rows, start_detections
 from sam3_batch.worker.tracker_adapter import (
     embeddings_from_detector,
     embeddings_from_pixels,
@@ -32,7 +33,7 @@ from sam3_batch.worker.tracker_adapter import (
     same_vision_backbone,
     select_embedding_rows,
     share_vision_backbone,
-    to_object_detections,
+    start_object_detections,
 )
 from sam3_batch.worker.visual_prompts import VisualRequest, VisualResult
 
@@ -48,6 +49,7 @@ class _Row:
     size_hw: tuple[int, int]
 
 
+_PendingGroup = tuple[list[_Row], PendingDetections]  # rows post-processed together, their masks on the way
 TextRows = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 VisionFeatures = Callable[[torch.Tensor], Sam3VisionEncoderOutput]
 
@@ -68,26 +70,38 @@ class VisualSegmenter:
 
     def segment(
         self, pixel_values: torch.Tensor, requests: list[VisualRequest], sizes_hw: list[tuple[int, int]],
-        thresholds: Thresholds,
+        thresholds: Thresholds, masks: MaskDelivery = "full",
     ) -> list[VisualResult]:
         """Segment a batch (pixels already stacked on the device); call under the runtime's model lock."""
+        return self.start(pixel_values, requests, sizes_hw, thresholds, masks)()
+
+    def start(
+        self, pixel_values: torch.Tensor, requests: list[VisualRequest], sizes_hw: list[tuple[int, int]],
+        thresholds: Thresholds, masks: MaskDelivery,
+    ) -> Callable[[], list[VisualResult]]:
+        """Queue a batch's device work (under the model lock); the callable returned finishes it on the host."""
         vision = self.vision_features(pixel_values)
-        concepts = self._concepts(vision, requests, sizes_hw, thresholds)
-        objects: dict[tuple[int, int], PromptDetections] = {}
+        concepts = self._concepts(vision, requests, sizes_hw, thresholds, masks)
+        objects: list[_PendingGroup] = []
         if any(request.objects for request in requests):
-            objects = self._objects(vision, pixel_values, requests, sizes_hw, thresholds)
-        return [
-            VisualResult(
-                concepts=[concepts[i, j] for j in range(len(request.prompts))],
-                objects=[objects[i, k] for k in range(len(request.objects))],
-            )
-            for i, request in enumerate(requests)
-        ]
+            objects = self._objects(vision, pixel_values, requests, sizes_hw, thresholds, masks)
+
+        def finish() -> list[VisualResult]:
+            found_concepts, found_objects = _finished(concepts), _finished(objects)
+            return [
+                VisualResult(
+                    concepts=[found_concepts[i, j] for j in range(len(request.prompts))],
+                    objects=[found_objects[i, k] for k in range(len(request.objects))],
+                )
+                for i, request in enumerate(requests)
+            ]
+
+        return finish
 
     def _concepts(
         self, vision: Sam3VisionEncoderOutput, requests: list[VisualRequest], sizes_hw: list[tuple[int, int]],
-        thresholds: Thresholds,
-    ) -> dict[tuple[int, int], PromptDetections]:
+        thresholds: Thresholds, masks: MaskDelivery,
+    ) -> list[_PendingGroup]:
         # Two groups: text alone, and prompts with exemplar boxes (padded to the most boxes, as the processor
         # pads them; a row of padding alone is not text alone, the geometry encoder still adds its token).
         groups: dict[bool, list[tuple[_Row, PromptSpec]]] = defaultdict(list)
@@ -95,15 +109,13 @@ class VisualSegmenter:
             for j, prompt in enumerate(request.prompts):
                 boxed = isinstance(prompt, ConceptPrompt) and bool(prompt.boxes)
                 groups[boxed].append((_Row(i, j, sizes_hw[i]), prompt))
-        found: dict[tuple[int, int], PromptDetections] = {}
-        for rows in groups.values():
-            for (row, _), detections in zip(rows, self._concept_group(vision, rows, thresholds), strict=True):
-                found[row.image, row.slot] = detections
-        return found
+        return [([row for row, _ in rows], self._concept_group(vision, rows, thresholds, masks))
+                for rows in groups.values()]
 
     def _concept_group(
-        self, vision: Sam3VisionEncoderOutput, rows: list[tuple[_Row, PromptSpec]], thresholds: Thresholds
-    ) -> list[PromptDetections]:
+        self, vision: Sam3VisionEncoderOutput, rows: list[tuple[_Row, PromptSpec]], thresholds: Thresholds,
+        masks: MaskDelivery,
+    ) -> PendingDetections:
         texts = [_text_of(prompt) for _, prompt in rows]
         features, attention_mask = self.text_rows(texts)
         kwargs: dict[str, Any] = {}
@@ -118,12 +130,12 @@ class VisualSegmenter:
             text_embeds=as_text_embeds(features), attention_mask=attention_mask, **kwargs,
         )
         names = [prompt_name(prompt, row.slot) for row, prompt in rows]
-        return to_detections(outputs, names, [row.size_hw for row, _ in rows], thresholds)
+        return start_detections(outputs, names, [row.size_hw for row, _ in rows], thresholds, masks)
 
     def _objects(
         self, vision: Sam3VisionEncoderOutput, pixel_values: torch.Tensor, requests: list[VisualRequest],
-        sizes_hw: list[tuple[int, int]], thresholds: Thresholds,
-    ) -> dict[tuple[int, int], PromptDetections]:
+        sizes_hw: list[tuple[int, int]], thresholds: Thresholds, masks: MaskDelivery,
+    ) -> list[_PendingGroup]:
         tracker = self.tracker()
         if self.shares_vision:
             embeddings = embeddings_from_detector(tracker, vision)
@@ -133,17 +145,13 @@ class VisualSegmenter:
         for i, request in enumerate(requests):
             for k, obj in enumerate(request.objects):
                 groups[len(obj.points or []), obj.box is not None].append((_Row(i, k, sizes_hw[i]), obj))
-        found: dict[tuple[int, int], PromptDetections] = {}
-        for rows in groups.values():
-            masks = self._object_group(tracker, embeddings, rows, thresholds)
-            for (row, _), detections in zip(rows, masks, strict=True):
-                found[row.image, row.slot] = detections
-        return found
+        return [([row for row, _ in rows], self._object_group(tracker, embeddings, rows, thresholds, masks))
+                for rows in groups.values()]
 
     def _object_group(
         self, tracker: Sam3TrackerModel, embeddings: list[torch.Tensor], rows: list[tuple[_Row, ObjectPrompt]],
-        thresholds: Thresholds,
-    ) -> list[PromptDetections]:
+        thresholds: Thresholds, masks: MaskDelivery,
+    ) -> PendingDetections:
         objects = [obj for _, obj in rows]
         sizes = [row.size_hw for row, _ in rows]
         has_points, has_box = objects[0].points is not None, objects[0].box is not None
@@ -160,7 +168,7 @@ class VisualSegmenter:
             **{name: _to(tensor, self.device, self.dtype) for name, tensor in inputs.items()},
         )
         names = [f"object:{row.slot}" for row, _ in rows]
-        return to_object_detections(outputs, names, sizes, thresholds.mask)
+        return start_object_detections(outputs, names, sizes, thresholds.mask, masks)
 
     def _own_vision_features(self, pixel_values: torch.Tensor) -> Sam3VisionEncoderOutput:
         vision: Sam3VisionEncoderOutput = self.model.get_vision_features(pixel_values=pixel_values)
@@ -196,6 +204,15 @@ class VisualSegmenter:
         self.use_tracker(tracker)
         logger.info("loaded the tracker from %s", self.tracker_source)
         return tracker
+
+
+def _finished(groups: Sequence[_PendingGroup]) -> dict[tuple[int, int], PromptDetections]:
+    """Each group's detections by (image, slot), once their masks are on the host."""
+    found: dict[tuple[int, int], PromptDetections] = {}
+    for rows, pending in groups:
+        for row, detections in zip(rows, pending.finish(), strict=True):
+            found[row.image, row.slot] = detections
+    return found
 
 
 def _text_of(prompt: PromptSpec) -> str:

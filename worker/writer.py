@@ -25,14 +25,11 @@ from sam3_batch.contracts.schemas import (
 )
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import RgbPixels, rgb_pixels
-from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections
 from sam3_batch.worker.encode import (
     encode_masked_image,
     encode_overlay_image,
     encode_png_mask,
-    encode_rle_batch,
-    rle_area,
-    rle_bbox,
     union_of,
 )
 
@@ -69,6 +66,11 @@ class WriteRequest:
                    timings_ms)
 
 
+def masks_for_writer(spec: JobSpec) -> MaskDelivery:
+    """What of the full-size masks the writer needs from the device: packed bits for PNGs and masked images."""
+    return "packed" if spec.outputs.png_masks or spec.outputs.masked_image else "none"
+
+
 def pixels_for_writer(spec: JobSpec, image: Image.Image) -> RgbPixels | None:
     """The image's RGB pixels if the job writes masked images, else None."""
     return rgb_pixels(image) if spec.outputs.masked_image else None
@@ -77,16 +79,17 @@ def pixels_for_writer(spec: JobSpec, image: Image.Image) -> RgbPixels | None:
 def _annotations(request: WriteRequest, layout: OutputLayout) -> list[Annotation]:
     annotations: list[Annotation] = []
     for prompt_index, found in enumerate(request.detections):
-        rles = encode_rle_batch(found.masks)
-        for instance_index, rle in enumerate(rles):
+        codes = found.mask_codes()  # computed on the device by the runtime; encoded here for stand-ins
+        for instance_index, rle in enumerate(codes.rles):
             x0, y0, x1, y1 = (float(v) for v in found.boxes_xyxy[instance_index])
             wants_png = request.spec.outputs.png_masks
             png_key = layout.mask_png_uri(prompt_index, instance_index) if wants_png else None
             annotations.append(
                 Annotation(
                     id=len(annotations), category_id=prompt_index + 1, prompt=found.prompt,
-                    prompt_index=prompt_index, score=float(found.scores[instance_index]), bbox=rle_bbox(rle),
-                    pred_box_xyxy=(x0, y0, x1, y1), area=rle_area(rle), segmentation=rle, mask_png=png_key,
+                    prompt_index=prompt_index, score=float(found.scores[instance_index]),
+                    bbox=_bbox(codes, instance_index), pred_box_xyxy=(x0, y0, x1, y1),
+                    area=int(codes.areas[instance_index]), segmentation=rle, mask_png=png_key,
                 )
             )
     return annotations + _object_annotations(request, layout, first_id=len(annotations))
@@ -108,17 +111,23 @@ def _object_annotations(request: WriteRequest, layout: OutputLayout, first_id: i
     annotations: list[Annotation] = []
     for object_index, found in enumerate(request.object_detections):
         png_key = layout.object_png_uri(object_index) if request.spec.outputs.png_masks else None
-        for instance_index, rle in enumerate(encode_rle_batch(found.masks)):
+        codes = found.mask_codes()
+        for instance_index, rle in enumerate(codes.rles):
             x0, y0, x1, y1 = (float(v) for v in found.boxes_xyxy[instance_index])
             annotations.append(
                 Annotation(
                     id=first_id + len(annotations), category_id=_object_category_id(request), prompt=found.prompt,
                     prompt_index=None, object_index=object_index, score=float(found.scores[instance_index]),
-                    bbox=rle_bbox(rle), pred_box_xyxy=(x0, y0, x1, y1), area=rle_area(rle), segmentation=rle,
-                    mask_png=png_key,
+                    bbox=_bbox(codes, instance_index), pred_box_xyxy=(x0, y0, x1, y1),
+                    area=int(codes.areas[instance_index]), segmentation=rle, mask_png=png_key,
                 )
             )
     return annotations
+
+
+def _bbox(codes: MaskCodes, index: int) -> tuple[float, float, float, float]:
+    x, y, width, height = (float(v) for v in codes.bboxes_xywh[index])
+    return (x, y, width, height)
 
 
 def _prompt_summary(request: WriteRequest, index: int, found: PromptDetections) -> PromptSummary:
@@ -140,12 +149,13 @@ def _object_summaries(request: WriteRequest) -> list[ObjectSummary]:
 def _write_png_masks(request: WriteRequest, layout: OutputLayout, storage: Storage) -> int:
     written = 0
     for prompt_index, found in enumerate(request.detections):
+        masks = found.full_masks()  # unpacked here, in the writer, from the bits the device packed
         for instance_index in range(len(found)):
-            data = encode_png_mask(found.masks[instance_index])
+            data = encode_png_mask(masks[instance_index])
             storage.write_bytes(layout.mask_png_uri(prompt_index, instance_index), data, "image/png")
             written += len(data)
     for object_index, found in enumerate(request.object_detections):
-        for mask in found.masks:  # one per object
+        for mask in found.full_masks():  # one per object
             data = encode_png_mask(mask)
             storage.write_bytes(layout.object_png_uri(object_index), data, "image/png")
             written += len(data)
@@ -161,10 +171,10 @@ def _write_masked_image(request: WriteRequest, layout: OutputLayout, storage: St
     if request.spec.outputs.masked_style == "overlay":
         # One colour per concept prompt, then one per object.
         found_all = [*request.detections, *request.object_detections]
-        data = encode_overlay_image(image, [found.masks for found in found_all], fmt)
+        data = encode_overlay_image(image, [found.full_masks() for found in found_all], fmt)
     else:
         width, height = request.size_wh
-        all_masks = [found.masks for found in [*request.detections, *request.object_detections] if len(found)]
+        all_masks = [found.full_masks() for found in [*request.detections, *request.object_detections] if len(found)]
         stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
         data = encode_masked_image(image, union_of(stacked), fmt)
     storage.write_bytes(uri, data, _CONTENT_TYPES[fmt])
