@@ -56,6 +56,8 @@ def plan_chunks(
 
 
 def _has_credentials(uri: str) -> bool:
+    if "@" not in uri:  # userinfo needs an "@": most URIs are settled without parsing (the producer's hot path)
+        return False
     try:
         parts = urlsplit(uri)
     except ValueError:  # malformed: the storage layer says why when it reads it
