@@ -1,8 +1,10 @@
-"""Backpressure reads the queue depth once per several chunks and still never passes the high-water mark."""
+"""Producer pacing: backpressure reads the queue depth once per several chunks and never passes the high mark;
+the cancel flag is asked at most once per period."""
 
 from __future__ import annotations
 
 from sam3_batch.producer.backpressure import Backpressure
+from sam3_batch.producer.cancel_check import CancelCheck
 
 
 class _Queue:
@@ -43,3 +45,22 @@ def test_a_narrow_band_reads_the_depth_before_every_chunk() -> None:
         backpressure.wait_for_room()
         queue.send()
     assert queue.deepest <= 4 and queue.reads >= 12
+
+
+def test_the_cancel_flag_is_asked_at_most_once_per_period_and_a_cancel_sticks() -> None:
+    now, asked, answer = [0.0], [0], [False]
+
+    def ask() -> bool:
+        asked[0] += 1
+        return answer[0]
+
+    check = CancelCheck(ask, period_s=0.25, clock=lambda: now[0])
+    assert [check() for _ in range(100)] == [False] * 100 and asked[0] == 1  # one chunk after another
+    answer[0] = True
+    now[0] = 0.2
+    assert not check()  # within the period: not asked again
+    now[0] = 0.3
+    assert check() and asked[0] == 2
+    answer[0] = False
+    now[0] = 9.0
+    assert check() and asked[0] == 2  # cancelled stays cancelled without asking Redis
