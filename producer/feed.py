@@ -13,6 +13,7 @@ from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import JobSpec
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.producer import metrics
+from sam3_batch.producer.cancel_check import CancelCheck
 from sam3_batch.producer.dispatch import Dispatcher
 from sam3_batch.producer.done_index import DoneIndex, ShardIndex
 from sam3_batch.producer.planner import PlannedChunk, chunk_id_for, plan_chunks
@@ -113,9 +114,11 @@ def run_producer(
     done = done_index_for(storage, spec.output_root, spec.outputs.layout, chunk_size) if use_done_index else None
     is_done = (lambda key: key in done) if done is not None else (lambda key: False)
 
+    is_cancelled = CancelCheck(lambda: store.is_cancelled(job_id))
+
     def cancelled() -> bool:
         on_progress(summary)  # also asked while backpressure holds the producer: progress stays visible
-        return store.is_cancelled(job_id)
+        return is_cancelled()
 
     for planned in plan_chunks(source.entries(start_after), job_id, chunk_size, seq, is_done, generation):
         if cancelled():

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from sam3_batch.contracts.chunk_ids import chunk_id_for as chunk_id_for  # re-exported for the producer
 from sam3_batch.contracts.redact import display_uri, redact
 from sam3_batch.contracts.schemas import ChunkMessage, Failure, WorkItem
 from sam3_batch.producer.sources import SourceEntry, SourceItem, SourceProblem
@@ -25,11 +26,6 @@ class PlannedChunk:
     last_position: str
     skipped: int = 0
     problems: list[Failure] = field(default_factory=list)
-
-
-def chunk_id_for(job_id: str, seq: int, generation: int = 0) -> str:
-    """Chunk ids are the job id plus a sequence number, so replanning after a restart gives the same ids."""
-    return f"{job_id}-g{generation}-{seq:09d}"
 
 
 def plan_chunks(
@@ -60,6 +56,8 @@ def plan_chunks(
 
 
 def _has_credentials(uri: str) -> bool:
+    if "@" not in uri:  # userinfo needs an "@": most URIs are settled without parsing (the producer's hot path)
+        return False
     try:
         parts = urlsplit(uri)
     except ValueError:  # malformed: the storage layer says why when it reads it

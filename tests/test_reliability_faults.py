@@ -24,7 +24,7 @@ import pytest
 import redis
 from PIL import Image
 
-from sam3_batch.contracts.jobstate import RedisJobStore, job_key
+from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.layout import shard_name, shard_of_jobs_key
 from sam3_batch.contracts.schemas import ImageMetadata, JobCounters
 from sam3_batch.contracts.settings import Settings
@@ -191,7 +191,7 @@ def test_worker_killed_three_times_mid_chunk_redelivers_it_and_every_image_has_o
     counters = wait_for_job(store, job_id, workers=[first, second])
 
     _assert_exact(counters, total=len(IMAGES))
-    assert store.client.scard(job_key(job_id, "recorded")) == 3  # each chunk counted once
+    assert store.chunks_marked(job_id, "recorded") == 3  # each chunk counted once
     assert [faulty_s3.dropped(method, key) for method, key in moments] == [1, 1, 1]  # died mid-request
     _assert_one_complete_output_per_image(s3_client, s3_bucket, IMAGES, layout)
     if layout == "chunk":

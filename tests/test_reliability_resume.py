@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from sam3_batch.contracts.jobstate import RedisJobStore, job_key
+from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.layout import shard_name, shard_of_jobs_key
 from sam3_batch.contracts.report import report_uri
 from sam3_batch.contracts.schemas import ImageMetadata, JobReport
@@ -110,7 +110,7 @@ def test_a_producer_killed_mid_listing_and_again_between_send_and_register_resum
     assert store.checkpoint(job_id).next_seq == 1  # type: ignore[union-attr]  # chunk 1 sent, never registered
 
     worker = worker_factory(settings)
-    wait_until(lambda: state_client.scard(job_key(job_id, "recorded")) == 2, 120, "chunks 0 and 1 to be done")
+    wait_until(lambda: store.chunks_marked(job_id, "recorded") == 2, 120, "chunks 0 and 1 to be done")
     summary = _cli_json(["submit", "--resume", job_id], settings)
     counters = wait_for_job(store, job_id, workers=[worker])
     _wait_idle(settings)
@@ -119,7 +119,7 @@ def test_a_producer_killed_mid_listing_and_again_between_send_and_register_resum
     assert (summary["chunks_sent"], summary["images_enqueued"], summary["skipped"]) == (3, 6, 0)
     counters = store.counters(job_id)
     assert (counters.total, counters.done, counters.failed, counters.skipped) == (8, 8, 0, 0)
-    assert state_client.scard(job_key(job_id, "planned")) == 4
+    assert store.chunks_marked(job_id, "planned") == 4
     assert sorted(_metadata(s3_client, s3_bucket)) == names
 
 

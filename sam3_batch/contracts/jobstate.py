@@ -14,6 +14,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from sam3_batch.contracts.chunk_ids import ChunkSlot, chunk_slot
 from sam3_batch.contracts.errors import RequestError, StaleGenerationError
 from sam3_batch.contracts.redact import display_uri, redact
 from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobSpec
@@ -21,8 +22,11 @@ from sam3_batch.contracts.schemas import Failure, ItemOutcome, JobCounters, JobS
 KEY_PREFIX = "sam3b"
 REPORT_CLAIM_TTL_S = 600
 JOBS_INDEX = f"{KEY_PREFIX}:jobs"
-JOB_PARTS = ("spec", "counters", "planned", "recorded", "started", "failures", "checkpoint", "cancelled",
-             "report_claim")
+# "planned", "recorded" and "started" are bitmaps indexed by chunk number (contracts.chunk_ids); the
+# "*_ids" sets hold only chunks made outside the plan (retry-failed), so a job's state stays O(1) per image.
+CHUNK_MARKS = ("planned", "recorded", "started")
+JOB_PARTS = ("spec", "counters", *CHUNK_MARKS, *(f"{m}_ids" for m in CHUNK_MARKS), "failures", "checkpoint",
+             "cancelled", "report_claim")
 
 
 def job_key(job_id: str, part: str) -> str:
@@ -63,6 +67,7 @@ class JobStore(Protocol):
     ) -> bool: ...
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool: ...
     def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool: ...
+    def chunks_marked(self, job_id: str, mark: str) -> int: ...
     def mark_listing_complete(self, job_id: str) -> None: ...
     def counters(self, job_id: str) -> JobCounters: ...
     def stats(self, job_id: str) -> JobStats: ...
@@ -92,37 +97,64 @@ class PlannedCounts:
     failures: tuple[Failure, ...] = ()
 
 
+def _slot_args(slot: ChunkSlot | None) -> tuple[int | str, int | str]:
+    """A chunk's bit and generation as script arguments; empty strings for a chunk outside the plan."""
+    return ("", "") if slot is None else (slot.bit, slot.generation)
+
+
 class UnknownJobError(KeyError):
     """No job with this id exists in the store."""
 
 
-# Counting and failure recording happen in one atomic script, only the first time a chunk id is seen,
-# so a redelivered or duplicated chunk never counts twice.
-# ARGV[7] is the chunk's generation: a chunk planned before a resume replanned the job is refused (-1) in the
-# same atomic step, so a resume landing between a check and the count can never count it.
-_RECORD_CHUNK = """
-local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
+# Counting and failure recording happen in one atomic script, only the first time a chunk is seen, so a
+# redelivered or duplicated chunk never counts twice. A planned chunk is marked by its bit (ARGV[8]) in a
+# bitmap, any other chunk by its id in a set. ARGV[7] is the generation the worker was given and ARGV[9] the
+# one in the chunk id: a chunk planned before a resume replanned the job is refused (-1) in the same atomic
+# step, so a resume landing between a check and the count can never count it (its bit now means another chunk).
+_MARK = """
+local function mark(bitmap, ids, bit, id)
+  if bit ~= '' then return redis.call('SETBIT', bitmap, bit, 1) == 0 end
+  return redis.call('SADD', ids, id) == 1
+end
+"""
+
+_RECORD_CHUNK = _MARK + """
+local generation = tonumber(redis.call('HGET', KEYS[3], 'generation') or '0')
 if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= generation then return -1 end
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], 'done', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'failed', ARGV[3])
-redis.call('HINCRBY', KEYS[2], 'instances', ARGV[4])
-redis.call('HINCRBYFLOAT', KEYS[2], 'model_seconds', ARGV[5])
-redis.call('HSET', KEYS[2], 'last_update', ARGV[6])
-for i = 8, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+if ARGV[9] ~= '' and tonumber(ARGV[9]) ~= generation then return -1 end
+if not mark(KEYS[1], KEYS[2], ARGV[8], ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[3], 'done', ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'failed', ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'instances', ARGV[4])
+redis.call('HINCRBYFLOAT', KEYS[3], 'model_seconds', ARGV[5])
+redis.call('HSET', KEYS[3], 'last_update', ARGV[6])
+for i = 10, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
 return 1
 """
 
 # A planned chunk adds to the counters once (its images, skipped ones and bad entries), and the
-# producer checkpoint moves in the same atomic step.
-_REGISTER_CHUNK = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], 'total', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5])
-redis.call('HINCRBY', KEYS[2], 'failed', #ARGV - 5)
-redis.call('HSET', KEYS[3], 'position', ARGV[3], 'next_seq', ARGV[4])
-for i = 6, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
+# producer checkpoint moves in the same atomic step. A producer still planning an older generation
+# registers nothing: its chunk numbers belong to the new plan now.
+_REGISTER_CHUNK = _MARK + """
+if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= tonumber(redis.call('HGET', KEYS[3], 'generation') or '0') then
+  return 0
+end
+if not mark(KEYS[1], KEYS[2], ARGV[6], ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[3], 'total', ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'skipped', ARGV[5])
+redis.call('HINCRBY', KEYS[3], 'failed', #ARGV - 7)
+redis.call('HSET', KEYS[4], 'position', ARGV[3], 'next_seq', ARGV[4])
+for i = 8, #ARGV do redis.call('RPUSH', KEYS[5], ARGV[i]) end
 return 1
+"""
+
+# 1 the first time a chunk starts in the current generation; a chunk of an older one marks nothing.
+_MARK_STARTED = _MARK + """
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= tonumber(redis.call('HGET', KEYS[3], 'generation') or '0') then
+  return 1
+end
+if mark(KEYS[1], KEYS[2], ARGV[2], ARGV[1]) then return 1 end
+return 0
 """
 
 # A resume that replans starts a new generation: counters and per-chunk sets start afresh.
@@ -167,6 +199,7 @@ class RedisJobStore:
         self._register = self._redis.register_script(_REGISTER_CHUNK)
         self._reopen = self._redis.register_script(_REOPEN_FAILURES)
         self._start_generation = self._redis.register_script(_START_GENERATION)
+        self._mark_started = self._redis.register_script(_MARK_STARTED)
 
     @classmethod
     def interactive(cls, url: str, timeout_s: float = 3.0) -> RedisJobStore:
@@ -195,12 +228,15 @@ class RedisJobStore:
             raise UnknownJobError(job_id)
         return JobSpec.model_validate_json(raw)
 
+    def _mark_keys(self, job_id: str, mark: str) -> list[str]:
+        return [job_key(job_id, mark), job_key(job_id, f"{mark}_ids"), job_key(job_id, "counters")]
+
     def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool:
         """Count a planned chunk once and move the checkpoint, atomically; False if already registered."""
-        keys = [job_key(job_id, "planned"), job_key(job_id, "counters"), job_key(job_id, "checkpoint"),
-                job_key(job_id, "failures")]
+        keys = [*self._mark_keys(job_id, "planned"), job_key(job_id, "checkpoint"), job_key(job_id, "failures")]
         failures = [f.model_dump_json() for f in plan.failures]
-        args: list[Any] = [chunk_id, plan.total, checkpoint.position, checkpoint.next_seq, plan.skipped]
+        args: list[Any] = [chunk_id, plan.total, checkpoint.position, checkpoint.next_seq, plan.skipped,
+                           *_slot_args(chunk_slot(job_id, chunk_id))]
         return bool(self._register(keys=keys, args=[*args, *failures]))
 
     def record_chunk(
@@ -216,20 +252,36 @@ class RedisJobStore:
             if o.status == "failed"
         ]
         instances = sum(o.instances for o in outcomes)
-        keys = [job_key(job_id, "recorded"), job_key(job_id, "counters"), job_key(job_id, "failures")]
+        keys = [*self._mark_keys(job_id, "recorded"), job_key(job_id, "failures")]
+        bit, slot_generation = _slot_args(chunk_slot(job_id, chunk_id))
         args: list[Any] = [chunk_id, done, len(failures), instances, f"{model_seconds:.6f}", time.time(),
-                           "" if generation is None else generation]
+                           "" if generation is None else generation, bit, slot_generation]
         counted = int(self._record(keys=keys, args=[*args, *failures]))
         if counted < 0:
             raise StaleGenerationError(f"chunk {chunk_id} belongs to an older plan of job {job_id}")
         return counted == 1
 
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool:
-        return bool(self._redis.sismember(job_key(job_id, "recorded"), chunk_id))
+        slot = chunk_slot(job_id, chunk_id)
+        if slot is None:
+            return bool(self._redis.sismember(job_key(job_id, "recorded_ids"), chunk_id))
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.getbit(job_key(job_id, "recorded"), slot.bit)
+            pipe.hget(job_key(job_id, "counters"), "generation")
+            bit, generation = pipe.execute()
+        return bool(bit) and slot.generation == int(generation or 0)
 
     def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool:
         """True the first time a chunk starts; False on a redelivery, a retry or a duplicate."""
-        return bool(self._redis.sadd(job_key(job_id, "started"), chunk_id))
+        args = [chunk_id, *_slot_args(chunk_slot(job_id, chunk_id))]
+        return bool(self._mark_started(keys=self._mark_keys(job_id, "started"), args=args))
+
+    def chunks_marked(self, job_id: str, mark: str) -> int:
+        """How many chunks are ``planned``, ``started`` or ``recorded`` in the current generation."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.bitcount(job_key(job_id, mark))
+            pipe.scard(job_key(job_id, f"{mark}_ids"))
+            return sum(int(n) for n in pipe.execute())
 
     def mark_listing_complete(self, job_id: str) -> None:
         self._redis.hset(job_key(job_id, "counters"), "listing_complete", "1")
@@ -349,7 +401,7 @@ class RedisJobStore:
 
     def start_generation(self, job_id: str) -> int:
         """Reset counters and chunk sets for a full replan; chunks of older generations become stale."""
-        parts = ("planned", "recorded", "started", "failures", "checkpoint", "cancelled", "report_claim")
+        parts = [p for p in JOB_PARTS if p not in ("spec", "counters")]
         keys = [job_key(job_id, "counters"), *(job_key(job_id, p) for p in parts)]
         return int(self._start_generation(keys=keys, args=[]))
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sam3_batch.contracts.chunk_ids import chunk_slot
 from sam3_batch.contracts.errors import StaleGenerationError
 from sam3_batch.contracts.jobstate import Checkpoint, JobStats, PlannedCounts, UnknownJobError
 from sam3_batch.contracts.redact import display_uri
@@ -18,9 +19,10 @@ class _Job:
     spec: JobSpec
     counters: dict[str, int] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
-    planned: set[str] = field(default_factory=set)
-    recorded: set[str] = field(default_factory=set)
-    started: set[str] = field(default_factory=set)
+    # Chunk marks, keyed like RedisJobStore's: a planned chunk by its bit, any other chunk by its id.
+    planned: set[int | str] = field(default_factory=set)
+    recorded: set[int | str] = field(default_factory=set)
+    started: set[int | str] = field(default_factory=set)
     failures: list[Failure] = field(default_factory=list)
     listing_complete: bool = False
     cancelled: bool = False
@@ -30,6 +32,17 @@ class _Job:
     report_claimed: bool = False
     checkpoint: Checkpoint | None = None
     generation: int = 0
+
+
+def _mark_of(job_id: str, chunk_id: str) -> int | str:
+    slot = chunk_slot(job_id, chunk_id)
+    return chunk_id if slot is None else slot.bit
+
+
+def _stale(job: _Job, job_id: str, chunk_id: str) -> bool:
+    """A planned chunk of an older generation: its bit belongs to the current plan's chunk now."""
+    slot = chunk_slot(job_id, chunk_id)
+    return slot is not None and slot.generation != job.generation
 
 
 class MemoryJobStore:
@@ -56,9 +69,10 @@ class MemoryJobStore:
     def register_chunk(self, job_id: str, chunk_id: str, plan: PlannedCounts, checkpoint: Checkpoint) -> bool:
         with self._lock:
             job = self._job(job_id)
-            if chunk_id in job.planned:
+            mark = _mark_of(job_id, chunk_id)
+            if _stale(job, job_id, chunk_id) or mark in job.planned:
                 return False
-            job.planned.add(chunk_id)
+            job.planned.add(mark)
             for name, value in (("total", plan.total), ("skipped", plan.skipped), ("failed", len(plan.failures))):
                 job.counters[name] = job.counters.get(name, 0) + value
             job.failures.extend(plan.failures)
@@ -71,11 +85,12 @@ class MemoryJobStore:
     ) -> bool:
         with self._lock:
             job = self._job(job_id)
-            if generation is not None and generation != job.generation:
+            if (generation is not None and generation != job.generation) or _stale(job, job_id, chunk_id):
                 raise StaleGenerationError(f"chunk {chunk_id} belongs to an older plan of job {job_id}")
-            if chunk_id in job.recorded:
+            mark = _mark_of(job_id, chunk_id)
+            if mark in job.recorded:
                 return False
-            job.recorded.add(chunk_id)
+            job.recorded.add(mark)
             for outcome in outcomes:
                 job.counters[outcome.status] = job.counters.get(outcome.status, 0) + 1
                 if outcome.status == "failed":
@@ -90,14 +105,22 @@ class MemoryJobStore:
             return True
 
     def is_chunk_recorded(self, job_id: str, chunk_id: str) -> bool:
-        return chunk_id in self._job(job_id).recorded
+        job = self._job(job_id)
+        return not _stale(job, job_id, chunk_id) and _mark_of(job_id, chunk_id) in job.recorded
 
     def mark_chunk_started(self, job_id: str, chunk_id: str) -> bool:
         with self._lock:
-            started = self._job(job_id).started
-            first = chunk_id not in started
-            started.add(chunk_id)
+            job = self._job(job_id)
+            if _stale(job, job_id, chunk_id):
+                return True
+            mark = _mark_of(job_id, chunk_id)
+            first = mark not in job.started
+            job.started.add(mark)
             return first
+
+    def chunks_marked(self, job_id: str, mark: str) -> int:
+        marks: set[int | str] = getattr(self._job(job_id), mark)
+        return len(marks)
 
     def mark_listing_complete(self, job_id: str) -> None:
         self._job(job_id).listing_complete = True

@@ -24,6 +24,16 @@ def _clean_segment(segment: str) -> str:
     return segment[:_MAX_SEGMENT]
 
 
+def _is_already_safe(raw: str) -> bool:
+    """True when the slow path below would return ``raw`` unchanged: printable ASCII in clean segments."""
+    if not (raw.isascii() and raw.isprintable()) or "\\" in raw:
+        return False
+    segments = raw.split("/")
+    if segments[0] == JOB_DIR:
+        return False
+    return all(s and s != "." and s != ".." and len(s) <= _MAX_SEGMENT for s in segments)
+
+
 def safe_relative_key(raw: str) -> str:
     """Normalise an input-derived key so it stays inside the output root.
 
@@ -31,6 +41,8 @@ def safe_relative_key(raw: str) -> str:
     slashes. When anything had to change, a short hash of the raw key is appended so that distinct raw
     keys never collide on one output.
     """
+    if _is_already_safe(raw):  # the common case, checked without normalising or rebuilding the key
+        return raw
     normalised = unicodedata.normalize("NFC", raw)
     segments = [_clean_segment(s) for s in normalised.replace("\\", "/").split("/")]
     cleaned = "/".join(s for s in segments if s)
