@@ -1,0 +1,567 @@
+"""Host budget: host CPU per image at real photo sizes, with a stand-in accelerator (bench/stand_in.py).
+
+    python -m bench.host_budget             # 1500x1000 and 4000x3000 JPEGs, PNGs, PNG-mask outputs, variants: ~5 min
+    python -m bench.host_budget --quick     # 1500x1000 JPEGs only, a few images: ~1 min (the test runs it)
+
+The worker's real chunk path runs in this process, as the worker runs it: ``process_chunk`` with loader and
+writer stage processes (forkserver), a SeaweedFS S3 server (its own process), and a private Redis where each
+chunk is recorded (``record_chunk``: the chunk's Parquet part, then its counters), two chunks in flight (the
+worker's default). The model is the product's ``Sam3Runtime`` over a stand-in for SAM 3 that holds each batch
+a fixed time per image with the GIL released and returns SAM 3-shaped outputs (4 prompts x 5 kept instances
+per image by default), so the real post-processing, RLE, JSON and uploads run on realistic masks.
+
+Printed per case: host CPU ms per image by process and step (per-process CPU times; the S3 server and Redis
+apart), the device-side work this CPU does for the stand-in (kept out of the host figure), end-to-end
+images/s against the stand-in's rate, bytes host->device and device->host per image, peak RSS and shared
+memory. Device-side post-processing (upsampling + thresholding full-size masks: a few kernels on a GPU) is
+memoised here after its first run per shape, because on this CPU it would cost several times the stand-in's
+whole budget; its first-run cost is shown as "device work emulated on the CPU".
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import boto3
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from bench.common import (
+    DEFAULT_WORK_DIR,
+    descendants,
+    machine_line,
+    parse_size,
+    process_cpu_seconds,
+    redis_server,
+    s3_server,
+    table,
+    use_fake_aws_credentials,
+)
+from bench.stand_in import StandInSam3, stand_in_runtime
+from sam3_batch.contracts.jobstate import RedisJobStore
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, OutputOptions, Thresholds, WorkItem
+from sam3_batch.contracts.settings import Settings
+from sam3_batch.contracts.storage import Storage
+from sam3_batch.worker.chunk_record import record_chunk
+from sam3_batch.worker.detections import PromptDetections
+from sam3_batch.worker.io_stages import LoadedImage, LoaderSetup, WriterSetup, WrittenImage
+from sam3_batch.worker.model_input import DeviceNormalizer, PixelHandOff, PreparedImage
+from sam3_batch.worker.pipeline import ChunkContext, pending_writes_limit, process_chunk
+from sam3_batch.worker.runtime import Sam3Runtime
+from sam3_batch.worker.stage_pools import StagePool
+
+BUCKET = "hostbudget"
+PROMPTS = ["person", "car", "dog", "tree"]
+# Device-side steps of the post-processing, by module and name: memoised by their inputs' shape and content,
+# their first run's CPU counted as device work. Names that do not exist in this tree are skipped (the
+# device-side post-processing has moved between modules: sam3_adapter, then device_post).
+DEVICE_SIDE_STEPS = (
+    ("sam3_batch.worker.sam3_adapter", "_upsample_and_threshold"),
+    ("sam3_batch.worker.device_post", "mask_codes"),
+    ("sam3_batch.worker.device_post", "pack_bits"),
+    ("sam3_batch.worker.device_post", "sigmoid_then_upsample"),
+    ("sam3_batch.worker.sam3_adapter", "sigmoid_then_upsample"),
+)
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured job: its inputs, outputs, the stand-in's speed and the worker's variant."""
+
+    kind: str  # jpeg | png
+    size_wh: tuple[int, int]
+    ms_per_image: float
+    png_masks: bool = False
+    hand_off: PixelHandOff = "uint8"
+    draft: bool = True
+
+    @property
+    def inputs(self) -> str:
+        return f"{self.kind}-{self.size_wh[0]}x{self.size_wh[1]}"
+
+    @property
+    def label(self) -> str:
+        outputs = "RLE + PNG masks" if self.png_masks else "RLE"
+        draft = "draft" if self.draft else "full decode"
+        return (f"{self.kind.upper()} {self.size_wh[0]}x{self.size_wh[1]}, {outputs}, {self.ms_per_image:g} ms/image, "
+                f"{self.hand_off}, {draft}")
+
+
+@dataclass(frozen=True)
+class Config:
+    images: int
+    cases: tuple[Case, ...]
+    batch_size: int
+    chunk_size: int
+    io_workers: int
+    instances: int
+    queries: int
+    work_dir: Path
+
+
+def _arguments(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1500x1000 JPEGs only, few images (for the test)")
+    parser.add_argument("--images", type=int, default=None, help="images per case (default 64, quick 12)")
+    parser.add_argument("--size", default="1500x1000", help="the main photo size WxH")
+    parser.add_argument("--large-size", default="4000x3000", help="the large photo size WxH")
+    parser.add_argument("--instances", type=int, default=5, help="kept instances per prompt (4 prompts)")
+    parser.add_argument("--queries", type=int, default=10, help="the stand-in's queries per prompt row")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--io-workers", type=int, default=4, help="loader processes, and as many writers")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR / "host-budget")
+    args = parser.parse_args(argv)
+    size, large = parse_size(args.size), parse_size(args.large_size)
+    if args.quick:
+        cases: tuple[Case, ...] = (Case("jpeg", size, 30.0), Case("jpeg", size, 30.0, hand_off="normalized"))
+    else:
+        cases = (
+            Case("jpeg", size, 30.0), Case("jpeg", size, 10.0), Case("jpeg", large, 30.0), Case("png", size, 30.0),
+            Case("jpeg", size, 30.0, png_masks=True),
+            # The variants the defaults were chosen against (bench/RESULTS.md, "Host budget").
+            Case("jpeg", size, 30.0, hand_off="normalized", draft=False),
+            Case("jpeg", size, 30.0, hand_off="uint8-full"),
+            Case("jpeg", large, 30.0, hand_off="normalized", draft=False),
+            Case("jpeg", large, 30.0, draft=False),
+            Case("jpeg", large, 30.0, hand_off="uint8-full"),
+        )
+    images = args.images or (12 if args.quick else 64)
+    return Config(images, cases, args.batch_size, args.chunk_size, args.io_workers, args.instances, args.queries,
+                  args.work_dir)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def photo_like(size_wh: tuple[int, int], seed: int) -> Image.Image:
+    """A photo-like image: smooth colour fields, soft-edged shapes, fine texture and mild sensor noise
+    (compresses like a photo: ~0.3-0.6 bytes per pixel as a quality-90 JPEG, unlike pure noise)."""
+    width, height = size_wh
+    rng = np.random.default_rng(seed)
+    field_ = Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize(size_wh, Image.BICUBIC)
+    image = field_.copy()
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(width // 20, width // 4)), int(rng.integers(height // 20, height // 4))
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        (draw.ellipse if rng.random() < 0.6 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(radius=max(1.0, width / 1500)))
+    pixels = np.asarray(image, dtype=np.int16)
+    texture = rng.normal(0.0, 3.0, size=(height // 4 + 1, width // 4 + 1)).repeat(4, 0).repeat(4, 1)
+    noisy = pixels + texture[:height, :width, None] + rng.normal(0.0, 2.0, size=pixels.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def encoded(image: Image.Image, kind: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90) if kind == "jpeg" else image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload_inputs(settings: Settings, config: Config) -> dict[str, list[str]]:
+    """Each case's input set under s3://hostbudget/<kind-WxH>/ (a few distinct photos, cycled); their URIs."""
+    client = boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url)
+    client.create_bucket(Bucket=BUCKET)
+    uris: dict[str, list[str]] = {}
+    for case in config.cases:
+        if case.inputs in uris:
+            continue
+        files = [encoded(photo_like(case.size_wh, seed), case.kind) for seed in range(min(config.images, 4))]
+        extension = "jpg" if case.kind == "jpeg" else "png"
+        keys = [f"{case.inputs}/{index:04d}.{extension}" for index in range(config.images)]
+        for index, key in enumerate(keys):
+            client.put_object(Bucket=BUCKET, Key=key, Body=files[index % len(files)])
+        uris[case.inputs] = [f"s3://{BUCKET}/{key}" for key in keys]
+        print(f"inputs: {case.inputs}, {sum(map(len, files)) / len(files) / 1024:.0f} KiB on average", flush=True)
+    return uris
+
+
+# ---------------------------------------------------------------------------------- accounting helpers
+
+
+@dataclass
+class DeviceWork:
+    """CPU this process spends on what a GPU would do (post-processing kernels, normalising pixels)."""
+
+    cpu_s: float = 0.0
+    memo: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+
+
+def memoised_device_step(fn: Callable[..., Any], work: DeviceWork) -> Callable[..., Any]:
+    """``fn`` run once per distinct input (the stand-in repeats its masks), its CPU counted as device work."""
+    def wrapped(tensor: torch.Tensor, *args: Any) -> Any:
+        key = (fn.__name__, tuple(tensor.shape), float(tensor.float().sum()), *args)
+        if key not in work.memo:
+            start = time.thread_time()
+            work.memo[key] = fn(tensor, *args)
+            work.cpu_s += time.thread_time() - start
+        found = work.memo[key]
+        # A fresh tensor each time, as a kernel's output would be; other results are only read.
+        return found.clone() if isinstance(found, torch.Tensor) else found
+    return wrapped
+
+
+@contextmanager
+def device_side_accounted(work: DeviceWork) -> Iterator[None]:
+    """Memoise the post-processing's device-side steps and count the CPU of normalising pixels "on the device"."""
+    originals = []
+    for module_name, name in DEVICE_SIDE_STEPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            originals.append((module, name, getattr(module, name)))
+    normalise = DeviceNormalizer.__call__
+
+    def counted_normalise(self: DeviceNormalizer, *args: Any) -> torch.Tensor:
+        start = time.thread_time()
+        try:
+            return normalise(self, *args)
+        finally:
+            work.cpu_s += time.thread_time() - start
+
+    for module, name, fn in originals:
+        setattr(module, name, memoised_device_step(fn, work))
+    DeviceNormalizer.__call__ = counted_normalise  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+        DeviceNormalizer.__call__ = normalise  # type: ignore[method-assign]
+
+
+@dataclass
+class ModelCounters:
+    calls: int = 0
+    images: int = 0
+    wall_s: float = 0.0
+    thread_cpu_s: float = 0.0
+    host_to_device_bytes: int = 0
+    device_to_host_bytes: int = 0
+    instances: int = 0
+
+
+class AccountedRuntime:
+    """``Sam3Runtime`` as the pipeline sees it, counting the model stage's wall, CPU and bytes in and out."""
+
+    def __init__(self, runtime: Sam3Runtime) -> None:
+        self.runtime, self.counters = runtime, ModelCounters()
+        self.model_id, self.revision = runtime.model_id, runtime.revision
+
+    @property
+    def preparer(self) -> Any:
+        return self.runtime.preparer
+
+    def segment(self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
+                *more: Any) -> list[list[PromptDetections]]:
+        """``Sam3Runtime.segment``, counted; ``more``: whatever else the pipeline passes (the mask delivery)."""
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        found = self.runtime.segment(images, prompts, thresholds, *more)
+        counters = self.counters
+        counters.wall_s += time.perf_counter() - start
+        counters.thread_cpu_s += time.thread_time() - cpu_start
+        counters.calls += 1
+        counters.images += len(images)
+        counters.host_to_device_bytes += sum(image.pixel_values.nbytes for image in images)
+        for per_image in found:
+            for d in per_image:
+                counters.device_to_host_bytes += _host_bytes(d)
+                counters.instances += len(d)
+        return found
+
+
+def _host_bytes(found: PromptDetections) -> int:
+    """What of one prompt's detections crossed to the host: every numpy array it holds (masks as the host
+    received them, scores, boxes, and whatever encoded form a newer runtime delivers)."""
+    total = 0
+    for value in vars(found).values():
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif hasattr(value, "__dict__"):
+            total += sum(v.nbytes for v in vars(value).values() if isinstance(v, np.ndarray))
+    return total
+
+
+class CountingPool(StagePool[C]):
+    """A stage pool that keeps the per-step CPU times its load and write steps report."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_cpu_ms: dict[str, float] = {}
+        self.results = 0
+        self._count_lock = threading.Lock()
+
+    def start(self, fn: Callable[Concatenate[C, P], R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        future = super().start(fn, *args, **kwargs)
+        future.add_done_callback(self._collect)
+        return future
+
+    def _collect(self, future: Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        steps = result.cpu_ms if isinstance(result, LoadedImage) else (
+            {"encode + upload": result.cpu_ms} if isinstance(result, WrittenImage) else {})
+        with self._count_lock:
+            self.results += 1
+            for step, ms in steps.items():
+                self.step_cpu_ms[step] = self.step_cpu_ms.get(step, 0.0) + ms
+
+
+def vm_kib(pid: int, field_name: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+        except OSError:
+            continue
+
+
+class MemorySampler:
+    """Peak shared memory mapped by the worker and its stage processes (RssShmem, summed), sampled."""
+
+    def __init__(self, pids: Callable[[], list[int]], period_s: float = 0.25) -> None:
+        self.pids, self.period_s, self.peak_kib = pids, period_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hb-memory", daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.peak_kib = max(self.peak_kib, sum(vm_kib(pid, "RssShmem") for pid in self.pids()))
+
+
+# ------------------------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class CaseFigures:
+    case: Case
+    images: int
+    wall_s: float
+    cpu_ms: dict[str, float]  # per image, by process group
+    step_ms: dict[str, float]  # per image, by step (thread CPU inside the steps)
+    device_ms: float  # per image: device work emulated on this CPU
+    model: ModelCounters
+    held_ms: float  # per image: the stand-in's fixed time
+    peak_rss_mib: dict[str, float]
+    peak_shm_mib: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s
+
+    @property
+    def host_ms(self) -> float:
+        return sum(self.cpu_ms[name] for name in ("loaders", "writers", "worker (host)", "forkserver"))
+
+
+@dataclass
+class Worker:
+    """What one worker variant (hand-off, draft) holds: the runtime, its stage pools, the chunk context."""
+
+    runtime: Sam3Runtime
+    accounted: AccountedRuntime
+    ctx: ChunkContext
+    loaders: CountingPool[Any]
+    writers: CountingPool[Any]
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+def start_worker(config: Config, settings: Settings, hand_off: PixelHandOff, draft: bool) -> Worker:
+    runtime = stand_in_runtime(30.0, config.instances, config.queries)
+    runtime.preparer = replace(runtime.preparer, hand_off=hand_off)
+    accounted = AccountedRuntime(runtime)
+    preload = ["sam3_batch.worker.io_stages", "sam3_batch.worker.runtime"]
+    loaders: CountingPool[Any] = CountingPool("loader", LoaderSetup(settings, runtime.preparer, draft=draft),
+                                              mode="processes", workers=config.io_workers, preload=preload)
+    writers: CountingPool[Any] = CountingPool("writer", WriterSetup(settings), mode="processes",
+                                              workers=config.io_workers, preload=preload)
+    ctx = ChunkContext(runtime=accounted, storage=Storage(settings), settings=settings, loaders=loaders,
+                       writers=writers, write_slots=threading.Semaphore(pending_writes_limit(settings)))
+    return Worker(runtime, accounted, ctx, loaders, writers)
+
+
+def run_job(worker: Worker, store: RedisJobStore, uris: list[str], case: Case, job_id: str, chunk_size: int) -> None:
+    """The job's chunks through ``process_chunk`` two at a time, each recorded in Redis as the task does."""
+    spec = JobSpec(job_id=job_id, prompts=PROMPTS, thresholds=Thresholds(score=0.5, mask=0.5),
+                   outputs=OutputOptions(png_masks=case.png_masks), output_root=f"s3://{BUCKET}/out/{job_id}/",
+                   model_id=worker.runtime.model_id)
+    store.create(spec)
+    items = [WorkItem(uri=uri, out_key=uri.rsplit("/", 1)[-1]) for uri in uris]
+    chunks = [ChunkMessage(job_id=job_id, chunk_id=f"c{start:05d}", items=items[start:start + chunk_size])
+              for start in range(0, len(items), chunk_size)]
+
+    def one(chunk: ChunkMessage) -> int:
+        result = process_chunk(chunk, spec, worker.ctx)
+        record_chunk(store, worker.ctx.storage, spec, chunk, result, generation=chunk.generation)
+        return sum(1 for outcome in result.outcomes if outcome.status == "done")
+
+    with ThreadPoolExecutor(2, thread_name_prefix="hb-chunk") as chunks_in_flight:
+        done = sum(chunks_in_flight.map(one, chunks))
+    if done != len(uris):
+        raise RuntimeError(f"job {job_id}: {done} of {len(uris)} images done (see the job's failures in Redis)")
+
+
+def measure_case(worker: Worker, store: RedisJobStore, uris: list[str], case: Case, config: Config,
+                 service_pids: dict[str, int], work: DeviceWork, index: int) -> CaseFigures:
+    model: StandInSam3 = worker.runtime.model  # type: ignore[assignment]
+    model.ms_per_image = case.ms_per_image
+    run_job(worker, store, uris[: config.chunk_size], case, f"warm{index}", config.chunk_size)  # warm pools + memo
+    own = os.getpid()
+    loader_pids, writer_pids = worker.loaders.worker_pids(), worker.writers.worker_pids()
+    services = set(service_pids.values())
+    services |= {child for pid in service_pids.values() for child in descendants(pid)}
+    # Our other children: the forkserver (and the resource tracker); the services are counted apart.
+    forkservers = [pid for pid in descendants(own) if pid not in {*loader_pids, *writer_pids, *services}]
+    groups = {"loaders": loader_pids, "writers": writer_pids, "worker": [own], "forkserver": forkservers,
+              "S3 server": [service_pids["s3"]], "Redis": [service_pids["redis"]]}
+    reset_peak_rss([own, *loader_pids, *writer_pids])
+    before = {name: _cpu_s(pids) for name, pids in groups.items()}
+    steps_before = {**worker.loaders.step_cpu_ms, **worker.writers.step_cpu_ms}
+    model_before, device_before, held_before = replace(worker.accounted.counters), work.cpu_s, model.counters.held_s
+    start = time.perf_counter()
+    with MemorySampler(lambda: [own, *loader_pids, *writer_pids]) as memory:
+        run_job(worker, store, uris, case, f"job{index}", config.chunk_size)
+    wall = time.perf_counter() - start
+    n = len(uris)
+    cpu_ms = {name: 1000.0 * (_cpu_s(pids) - before[name]) / n for name, pids in groups.items()}
+    device_ms = 1000.0 * (work.cpu_s - device_before) / n
+    cpu_ms["worker (host)"] = cpu_ms["worker"] - device_ms
+    steps_after = {**worker.loaders.step_cpu_ms, **worker.writers.step_cpu_ms}
+    step_ms = {step: (ms - steps_before.get(step, 0.0)) / n for step, ms in steps_after.items()}
+    now = worker.accounted.counters
+    delta = ModelCounters(*(getattr(now, f) - getattr(model_before, f) for f in ModelCounters.__dataclass_fields__))
+    rss = {"worker": vm_kib(own, "VmHWM") / 1024,
+           "stage processes (sum)": sum(vm_kib(pid, "VmHWM") for pid in [*loader_pids, *writer_pids]) / 1024}
+    held_ms = 1000.0 * (model.counters.held_s - held_before) / n
+    return CaseFigures(case, n, wall, cpu_ms, step_ms, device_ms, delta, held_ms, rss, memory.peak_kib / 1024)
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += process_cpu_seconds(pid)
+        except OSError:
+            continue
+    return total
+
+
+def measure(config: Config) -> list[CaseFigures]:
+    use_fake_aws_credentials()
+    shutil.rmtree(config.work_dir, ignore_errors=True)
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # the stand-in "device" work in this process on one core; its CPU is counted apart
+    results: list[CaseFigures] = []
+    with redis_server(config.work_dir) as redis_url, s3_server(config.work_dir) as s3:
+        settings = Settings(broker_url=redis_url, s3_endpoint_url=s3.url, model="unset", device="cpu",
+                            dtype="float32", batch_size=config.batch_size, io_workers=config.io_workers)
+        uris = upload_inputs(settings, config)
+        store = RedisJobStore(settings.state_redis_url())
+        redis_pid = int(store.client.info("server")["process_id"])
+        services = {"s3": s3.pid, "redis": redis_pid}
+        work = DeviceWork()
+        variants = list(dict.fromkeys((case.hand_off, case.draft) for case in config.cases))
+        with device_side_accounted(work):
+            for hand_off, draft in variants:
+                worker = start_worker(config, settings, hand_off, draft)
+                try:
+                    for case in config.cases:
+                        if (case.hand_off, case.draft) != (hand_off, draft):
+                            continue
+                        figures = measure_case(worker, store, uris[case.inputs], case, config, services, work,
+                                               len(results))
+                        results.append(figures)
+                        print(f"  {case.label}: host {figures.host_ms:.1f} ms/image, "
+                              f"{figures.images_per_s:.1f} images/s", flush=True)
+                finally:
+                    worker.close()
+    return results
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def report(results: list[CaseFigures], config: Config) -> str:
+    header = ["case"] + [r.case.label for r in results]
+    rows: list[list[str]] = []
+
+    def row(name: str, values: Callable[[CaseFigures], str]) -> None:
+        rows.append([name] + [values(r) for r in results])
+
+    row("**host CPU ms/image** (loaders + writers + worker host part + forkserver)", lambda r: f"**{r.host_ms:.1f}**")
+    row("loader processes", lambda r: f"{r.cpu_ms['loaders']:.1f}")
+    for step in ("download", "decode", "preprocess"):
+        row(f"- {step} (step's own CPU)", lambda r, s=step: f"{r.step_ms.get(s, 0.0):.1f}")  # type: ignore[misc]
+    row("writer processes", lambda r: f"{r.cpu_ms['writers']:.1f}")
+    row("- encode + upload (step's own CPU)", lambda r: f"{r.step_ms.get('encode + upload', 0.0):.1f}")
+    row("worker process, host part", lambda r: f"{r.cpu_ms['worker (host)']:.1f}")
+    row("- of it in the model call (stacking, copies, post-processing's host side)",
+        lambda r: f"{1000.0 * r.model.thread_cpu_s / r.images - r.device_ms:.1f}")
+    row("forkserver", lambda r: f"{r.cpu_ms['forkserver']:.1f}")
+    row("device work emulated on this CPU (not host)", lambda r: f"{r.device_ms:.1f}")
+    row("S3 server (apart)", lambda r: f"{r.cpu_ms['S3 server']:.1f}")
+    row("Redis (apart)", lambda r: f"{r.cpu_ms['Redis']:.2f}")
+    row("stand-in held, ms/image", lambda r: f"{r.held_ms:.1f}")
+    row("model stage wall, ms/image", lambda r: f"{1000.0 * r.model.wall_s / r.images:.1f}")
+    row("end to end, images/s", lambda r: f"{r.images_per_s:.1f}")
+    row("**÷ the stand-in's rate**", lambda r: f"**{r.images_per_s * r.case.ms_per_image / 1000.0:.2f}**")
+    row("instances per image", lambda r: f"{r.model.instances / r.images:.1f}")
+    row("host->device bytes/image", lambda r: f"{r.model.host_to_device_bytes / r.images / 1e6:.2f} MB")
+    row("device->host bytes/image", lambda r: f"{r.model.device_to_host_bytes / r.images / 1e6:.2f} MB")
+    row("peak RSS worker / stage processes (sum), MiB",
+        lambda r: f"{r.peak_rss_mib['worker']:.0f} / {r.peak_rss_mib['stage processes (sum)']:.0f}")
+    row("peak shared memory mapped (worker + stages), MiB", lambda r: f"{r.peak_shm_mib:.0f}")
+    transposed = table(header, rows)
+    return (f"# Host budget\n{machine_line()}\n\n{config.images} images per case, {len(PROMPTS)} prompts x "
+            f"{config.instances} kept instances, batch {config.batch_size}, chunks of {config.chunk_size}, two in "
+            f"flight, {config.io_workers} loader + {config.io_workers} writer processes\n\n" + transposed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = _arguments(argv)
+    results = measure(config)
+    print(report(results, config))
+
+
+if __name__ == "__main__":
+    main()
