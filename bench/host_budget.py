@@ -25,6 +25,7 @@ import importlib
 import io
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import boto3
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
@@ -55,7 +55,6 @@ from sam3_batch.contracts.jobstate import RedisJobStore
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, OutputOptions, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.worker.chunk_record import record_chunk
 from sam3_batch.worker.decode import decode_image
 from sam3_batch.worker.detections import PromptDetections
 from sam3_batch.worker.io_stages import LoadedImage, LoaderSetup, WriterSetup, WrittenImage
@@ -142,7 +141,8 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--io-workers", type=int, default=4, help="loader processes, and as many writers")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR / "host-budget")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help=f"default: a new folder under {DEFAULT_WORK_DIR}, removed at the end")
     parser.add_argument("--model", default="stand-in", choices=("stand-in", "full", "smoke"),
                         help="full: SAM 3's architecture with random weights (bench.gpu), on --device")
     parser.add_argument("--device", default=None, help="default: cpu for the stand-in, cuda for the full model")
@@ -174,8 +174,13 @@ def _arguments(argv: list[str] | None) -> Config:
         )
     images = args.images or (12 if args.quick else 64)
     return Config(images, cases, args.batch_size, args.chunk_size, args.io_workers, args.instances, args.queries,
-                  args.work_dir, args.model, device, dtype, args.services,
+                  args.work_dir or _new_work_dir(), args.model, device, dtype, args.services,
                   threshold=0.5 if args.model == "stand-in" else None, large_images=args.large_images)
+
+
+def _new_work_dir() -> Path:
+    DEFAULT_WORK_DIR.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="host-budget-", dir=DEFAULT_WORK_DIR))
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -214,6 +219,8 @@ def upload_inputs(settings: Settings, config: Config) -> dict[str, list[str]]:
     if local:
         root = f"file://{config.work_dir / 'inputs'}"
     else:
+        import boto3  # here: a GPU machine (--services local) may not have it
+
         boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url).create_bucket(Bucket=BUCKET)
         root = f"s3://{BUCKET}"
     storage = Storage(settings)
@@ -496,6 +503,9 @@ def run_job(worker: Worker, store: RedisJobStore | None, uris: list[str], case: 
     def one(chunk: ChunkMessage) -> int:
         result = process_chunk(chunk, spec, worker.ctx)
         if store is not None:
+            # Here: the Parquet part needs pyarrow, which a GPU machine (--services local) may not have.
+            from sam3_batch.worker.chunk_record import record_chunk
+
             record_chunk(store, worker.ctx.storage, spec, chunk, result, generation=chunk.generation)
         return sum(1 for outcome in result.outcomes if outcome.status == "done")
 
@@ -651,7 +661,10 @@ def report(results: list[CaseFigures], config: Config, threshold: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     config = _arguments(argv)
-    results, threshold = measure(config)
+    try:
+        results, threshold = measure(config)
+    finally:
+        shutil.rmtree(config.work_dir, ignore_errors=True)
     print(report(results, config, threshold))
 
 
