@@ -246,20 +246,23 @@ class DeviceWork:
     """CPU this process spends on what a GPU would do (post-processing kernels, normalising pixels)."""
 
     cpu_s: float = 0.0
-    memo: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # keeps every result alive: addresses stay unique
 
 
 def memoised_device_step(fn: Callable[..., Any], work: DeviceWork) -> Callable[..., Any]:
-    """``fn`` run once per distinct input (the stand-in repeats its masks), its CPU counted as device work."""
+    """``fn`` run once per distinct input (the stand-in repeats its masks), its CPU counted as device work.
+
+    The cached result itself is returned (steps only read their inputs), so a later step given it (RLE of
+    the upsampled masks, say) recognises it by address instead of reading megabytes to make a key.
+    """
     def wrapped(tensor: torch.Tensor, *args: Any) -> Any:
-        key = (fn.__name__, tuple(tensor.shape), float(tensor.float().sum()), *args)
+        content = ("at", tensor.data_ptr()) if tensor.dtype == torch.bool else ("sum", float(tensor.float().sum()))
+        key = (fn.__name__, tuple(tensor.shape), content, *args)
         if key not in work.memo:
             start = time.thread_time()
             work.memo[key] = fn(tensor, *args)
             work.cpu_s += time.thread_time() - start
-        found = work.memo[key]
-        # A fresh tensor each time, as a kernel's output would be; other results are only read.
-        return found.clone() if isinstance(found, torch.Tensor) else found
+        return work.memo[key]
     return wrapped
 
 
