@@ -167,10 +167,8 @@ def _arguments(argv: list[str] | None) -> Config:
             Case("jpeg", size, 30.0, png_masks=True),
             # The variants the defaults were chosen against (bench/RESULTS.md, "Host budget").
             Case("jpeg", size, 30.0, hand_off="normalized", draft=False),
-            Case("jpeg", size, 30.0, hand_off="uint8-full"),
             Case("jpeg", large, 30.0, hand_off="normalized", draft=False),
             Case("jpeg", large, 30.0, draft=False),
-            Case("jpeg", large, 30.0, hand_off="uint8-full"),
         )
     images = args.images or (12 if args.quick else 64)
     return Config(images, cases, args.batch_size, args.chunk_size, args.io_workers, args.instances, args.queries,

@@ -129,3 +129,13 @@ def test_segmenting_uint8_hand_offs_equals_segmenting_the_processors_pixels(tiny
             assert_same_detections(a, b, f"image {i} prompt {j}")
             compared += len(a)
     assert compared > 0
+
+
+def test_8_bit_pixels_not_at_the_model_input_size_are_refused_with_the_sizes_named(
+    tiny_runtime: Sam3Runtime,
+) -> None:
+    odd = replace(tiny_runtime.preparer(scene_image((300, 400))), pixel_values=torch.zeros(3, 100, 120,
+                                                                                             dtype=torch.uint8))
+
+    with pytest.raises(ValueError, match=r"input size \(224, 224\), got \(100, 120\)"):
+        tiny_runtime._stack([odd])

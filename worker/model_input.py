@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -16,11 +15,11 @@ if TYPE_CHECKING:
 # What crosses from a loader process to the model, per image:
 #   "normalized": the processor's output, resized and normalised, in the model's dtype (12 MB at 1008 px
 #                 in float32, 6 MB in bf16);
-#   "uint8":      resized on the host with the processor's own resize, 8-bit (3 MB); normalised on the device;
-#   "uint8-full": the decoded image itself, 8-bit at its (possibly JPEG-draft-reduced) size; resized and
-#                 normalised on the device.
-PixelHandOff = Literal["normalized", "uint8", "uint8-full"]
-PIXEL_HAND_OFFS: tuple[PixelHandOff, ...] = ("normalized", "uint8", "uint8-full")
+#   "uint8":      resized on the host with the processor's own resize, 8-bit (3 MB); normalised on the device:
+#                 the same pixels as "normalized", bit for bit.
+# (Resizing on the device too was measured and dropped: its float resize differs from torchvision's uint8 one
+# by a level here and there, which moves scores by ~1e-3, and the loaders then hand over more bytes.)
+PixelHandOff = Literal["normalized", "uint8"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ Preparer: TypeAlias = "Callable[[Image.Image], PreparedImage]"
 
 @dataclass(frozen=True)
 class DeviceNormalizer:
-    """The processor's resize (bilinear, antialiased) and rescale + normalise, run on the model's device."""
+    """The processor's rescale + normalise of 8-bit pixels already at the model's input size, on its device."""
 
     side_hw: tuple[int, int]
     mean: tuple[float, float, float]
@@ -49,24 +48,22 @@ class DeviceNormalizer:
     rescale: float  # 1/255
 
     def __call__(self, pixels: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 (3, h, w) images -> one (N, 3, H, W) batch on ``device`` in ``dtype``."""
-        batch = torch.stack([self._resized(_to_device(p, device)) for p in pixels])
+        """uint8 (3, H, W) images at the input size -> one (N, 3, H, W) batch on ``device`` in ``dtype``."""
+        for image in pixels:
+            if tuple(image.shape[-2:]) != self.side_hw:
+                raise ValueError(f"8-bit pixels must be at the model's input size {self.side_hw}, got "
+                                 f"{tuple(image.shape[-2:])}")
+        batch = _stacked_on(list(pixels), device)
         # The processor's fused form: (x - mean / rescale) / (std / rescale), in float32, then the model's dtype.
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * (1.0 / self.rescale)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * (1.0 / self.rescale)
         return ((batch.float() - mean) / std).to(dtype)
 
-    def _resized(self, image: torch.Tensor) -> torch.Tensor:
-        if tuple(image.shape[-2:]) == self.side_hw:
-            return image
-        # torchvision's uint8 resize (what the processor runs on the host) rounds a float32 bilinear result.
-        scaled = F.interpolate(image[None].float(), size=self.side_hw, mode="bilinear", align_corners=False,
-                               antialias=True)[0]
-        return scaled.round_().clamp_(0, 255).to(torch.uint8)
 
-
-def _to_device(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _stacked_on(pixels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
-        return pixels
-    # From shared memory through page-locked memory (torch caches it): the copy can then run asynchronously.
-    return pixels.pin_memory().to(device, non_blocking=True)
+        return torch.stack(pixels).to(device)
+    # Stacked into page-locked memory (torch's host allocator caches it): then one asynchronous copy.
+    staged = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8, pin_memory=True)
+    torch.stack(pixels, out=staged)
+    return staged.to(device, non_blocking=True)

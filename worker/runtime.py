@@ -66,15 +66,14 @@ class ImagePreparer:
 
     def __call__(self, image: PIL.Image.Image) -> PreparedImage:
         size_hw = (image.height, image.width)
-        if self.hand_off != "normalized":
-            # (3, H, W) uint8; it crosses to the worker as one shared-memory copy.
+        if self.hand_off == "uint8":
+            # The processor's own resize (torchvision, bilinear, antialiased, on uint8), without the processor's
+            # per-call overhead; normalising is left to the device: the same pixels for a quarter of the host
+            # CPU and bytes (bench/RESULTS.md, "Host budget").
+            side_w, side_h = self.input_size_wh
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-            if self.hand_off == "uint8":
-                # The processor's own resize (torchvision, bilinear, antialiased, on uint8), without the
-                # processor's per-call overhead: the same pixels in a tenth of the time (bench/RESULTS.md).
-                side_w, side_h = self.input_size_wh
-                pixels = tv_functional.resize(pixels, [side_h, side_w], interpolation=_BILINEAR, antialias=True)
-            return PreparedImage(pixels, size_hw)
+            return PreparedImage(tv_functional.resize(pixels, [side_h, side_w], interpolation=_BILINEAR,
+                                                      antialias=True), size_hw)
         encoded = self.image_processor(images=image, return_tensors="pt")
         return PreparedImage(encoded["pixel_values"][0].to(self.dtype), size_hw)
 
