@@ -76,6 +76,10 @@ DEVICE_SIDE_STEPS = (
     ("sam3_batch.worker.device_post", "sigmoid_then_upsample"),
     ("sam3_batch.worker.sam3_adapter", "sigmoid_then_upsample"),
 )
+# Switches that make a CPU "device" take the path a GPU takes (RLE in torch on the device, not pycocotools).
+GPU_PATH_SWITCHES = (("sam3_batch.worker.device_post", "TORCH_ENCODER_ON_CPU", True),)
+# Where the device's results are copied to the host: every tensor handed to it is counted as device->host bytes.
+DEVICE_TO_HOST_FETCHES = (("sam3_batch.worker.device_post", "_fetch"),)
 P = ParamSpec("P")
 R = TypeVar("R")
 C = TypeVar("C")
@@ -244,6 +248,7 @@ class DeviceWork:
     """CPU this process spends on what a GPU would do (post-processing kernels, normalising pixels)."""
 
     cpu_s: float = 0.0
+    fetched_bytes: int = 0  # device -> host, counted where the runtime fetches its results (if it has such a step)
     memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # keeps every result alive: addresses stay unique
 
 
@@ -264,17 +269,37 @@ def memoised_device_step(fn: Callable[..., Any], work: DeviceWork) -> Callable[.
     return wrapped
 
 
-@contextmanager
-def device_side_accounted(work: DeviceWork) -> Iterator[None]:
-    """Memoise the post-processing's device-side steps and count the CPU of normalising pixels "on the device"."""
-    originals = []
-    for module_name, name in DEVICE_SIDE_STEPS:
+def _attributes(names: tuple[tuple[str, str], ...]) -> list[tuple[Any, str, Any]]:
+    """(module, name, value) of each that exists in this tree."""
+    found = []
+    for module_name, name in names:
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
         if hasattr(module, name):
-            originals.append((module, name, getattr(module, name)))
+            found.append((module, name, getattr(module, name)))
+    return found
+
+
+def counted_fetch(fn: Callable[..., Any], work: DeviceWork) -> Callable[..., Any]:
+    def wrapped(*args: Any) -> Any:
+        work.fetched_bytes += sum(arg.nbytes for arg in args if isinstance(arg, torch.Tensor))
+        return fn(*args)
+    return wrapped
+
+
+@contextmanager
+def device_side_accounted(work: DeviceWork) -> Iterator[None]:
+    """Make this CPU take a GPU's post-processing path, memoise its device-side steps, count the CPU of
+    normalising pixels "on the device" and the bytes fetched back to the host."""
+    patches = [(module, name, memoised_device_step(fn, work), fn)
+               for module, name, fn in _attributes(DEVICE_SIDE_STEPS)]
+    patches += [(module, name, counted_fetch(fn, work), fn)
+                for module, name, fn in _attributes(DEVICE_TO_HOST_FETCHES)]
+    switches = {(m, n): v for m, n, v in GPU_PATH_SWITCHES}
+    patches += [(module, name, switches[module.__name__, name], old)
+                for module, name, old in _attributes(tuple(switches))]
     normalise = DeviceNormalizer.__call__
 
     def counted_normalise(self: DeviceNormalizer, *args: Any) -> torch.Tensor:
@@ -284,14 +309,14 @@ def device_side_accounted(work: DeviceWork) -> Iterator[None]:
         finally:
             work.cpu_s += time.thread_time() - start
 
-    for module, name, fn in originals:
-        setattr(module, name, memoised_device_step(fn, work))
+    for module, name, new, _old in patches:
+        setattr(module, name, new)
     DeviceNormalizer.__call__ = counted_normalise  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for module, name, fn in originals:
-            setattr(module, name, fn)
+        for module, name, _new, old in patches:
+            setattr(module, name, old)
         DeviceNormalizer.__call__ = normalise  # type: ignore[method-assign]
 
 
@@ -309,8 +334,8 @@ class ModelCounters:
 class AccountedRuntime:
     """``Sam3Runtime`` as the pipeline sees it, counting the model stage's wall, CPU and bytes in and out."""
 
-    def __init__(self, runtime: Sam3Runtime) -> None:
-        self.runtime, self.counters = runtime, ModelCounters()
+    def __init__(self, runtime: Sam3Runtime, work: DeviceWork) -> None:
+        self.runtime, self.counters, self.work = runtime, ModelCounters(), work
         self.model_id, self.revision = runtime.model_id, runtime.revision
 
     @property
@@ -320,7 +345,7 @@ class AccountedRuntime:
     def segment(self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
                 *more: Any) -> list[list[PromptDetections]]:
         """``Sam3Runtime.segment``, counted; ``more``: whatever else the pipeline passes (the mask delivery)."""
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        start, cpu_start, fetched = time.perf_counter(), time.thread_time(), self.work.fetched_bytes
         found = self.runtime.segment(images, prompts, thresholds, *more)
         counters = self.counters
         counters.wall_s += time.perf_counter() - start
@@ -328,10 +353,13 @@ class AccountedRuntime:
         counters.calls += 1
         counters.images += len(images)
         counters.host_to_device_bytes += sum(image.pixel_values.nbytes for image in images)
+        small = 0  # scores, boxes and masks as the host holds them: the figure where the runtime has no fetch step
         for per_image in found:
             for d in per_image:
-                counters.device_to_host_bytes += _host_bytes(d)
+                small += _host_bytes(d)
                 counters.instances += len(d)
+        fetched = self.work.fetched_bytes - fetched
+        counters.device_to_host_bytes += fetched if fetched else small
         return found
 
 
@@ -462,9 +490,9 @@ def build_runtime(config: Config) -> Sam3Runtime:
 
 
 def start_worker(config: Config, settings: Settings, runtime: Sam3Runtime, hand_off: PixelHandOff,
-                 draft: bool) -> Worker:
+                 draft: bool, work: DeviceWork) -> Worker:
     runtime.preparer = replace(runtime.preparer, hand_off=hand_off)
-    accounted = AccountedRuntime(runtime)
+    accounted = AccountedRuntime(runtime, work)
     preload = ["sam3_batch.worker.io_stages", "sam3_batch.worker.runtime"]
     loaders: CountingPool[Any] = CountingPool("loader", LoaderSetup(settings, runtime.preparer, draft=draft),
                                               mode="processes", workers=config.io_workers, preload=preload)
@@ -598,7 +626,7 @@ def measure(config: Config) -> tuple[list[CaseFigures], float]:
         # Only the stand-in's "device" is this CPU: a real device's work is its own, never counted here.
         with device_side_accounted(work) if config.stand_in else nullcontext():
             for hand_off, draft in variants:
-                worker = start_worker(config, settings, runtime, hand_off, draft)
+                worker = start_worker(config, settings, runtime, hand_off, draft, work)
                 try:
                     for case in config.cases:
                         if (case.hand_off, case.draft) != (hand_off, draft):
