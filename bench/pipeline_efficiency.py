@@ -2,6 +2,8 @@
 
     python -m bench.pipeline_efficiency                # 192 images, chunks 8/32/128, 2 pools, 2 io modes: ~8 min
     python -m bench.pipeline_efficiency --chunk-sizes 32 --io-modes processes   # the defaults and solo: ~3 min
+    python -m bench.pipeline_efficiency --queries 8,50 --chunk-sizes 32 --pools threads:2 --io-modes processes \
+        --images 48 --naive-images 12 --no-probes      # crowded images (50 masks each) beside 8: ~6 min
 
 Everything runs on one set of JPEG photos in a SeaweedFS S3 server (its own process) and one private Redis:
 
