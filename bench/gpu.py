@@ -4,6 +4,7 @@
     python -m bench.gpu --dtypes bfloat16 --batch-sizes 8,16 --compile
     python -m bench.gpu --device cpu --smoke              # a small config on the CPU: proves the script runs
     bench/gpu_session.sh                                  # the whole first GPU session, in one command
+    python -m bench.host_budget --model full --services local   # host CPU per image by stage around the model
 
 Random weights cost the same compute as the real ones (same shapes, same kernels), so images/s and memory
 are what ``facebook/sam3`` gives; only the masks are meaningless. Their scores all fall near 0.2-0.3, so

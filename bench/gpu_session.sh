@@ -9,7 +9,9 @@
 #   1. environment: nvidia-smi, python, torch/CUDA, transformers, whether torch.compile's toolchain is there;
 #   2. bench.gpu: bare forward by dtype and batch size, automatic batch size, end to end (threshold 0, so
 #      every query is kept and post-processed: instances per image are printed) against the bare forward;
-#   3. bench.gpu --compile at one batch size (skipped with a line when the toolchain is missing).
+#   3. bench.gpu --compile at one batch size (skipped with a line when the toolchain is missing);
+#   4. bench.host_budget --model full: host CPU per image by stage around the real model (local disk, no Redis:
+#      the GPU machine has no S3 server or redis-server), the old input path beside the new one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,12 +48,15 @@ if [ "$mode" = smoke ]; then
   main=(--dtypes float32,autocast-bf16 --batch-sizes 1,2 --e2e-images 4 --chunk-size 4 --io-workers 2
         --io-mode threads --photo-size 320x240 --min-seconds 0)
   compiled=()  # compiling on two shared CPU cores takes minutes: the smoke run proves the rest
-  limits=(120 240)
+  budget=(--model smoke --device cpu --services local --quick --images 4 --batch-size 2 --chunk-size 4
+          --io-workers 2)
+  limits=(120 240 0 240)
 else
   device=(--device cuda)
   main=(--dtypes bfloat16,autocast-bf16,float16,float32 --batch-sizes 1,4,8,16,32 --e2e-images 128)
   compiled=(--compile --dtypes bfloat16 --batch-sizes 8 --e2e-images 64 --e2e-batch 8)
-  limits=(60 270 150)
+  budget=(--model full --device cuda --services local --quick --images 64 --io-workers 6)
+  limits=(40 220 110 100)
 fi
 
 {
@@ -77,5 +82,7 @@ if [ "${#compiled[@]}" -gt 0 ]; then
   timeout "${limits[2]}" python3 -m bench.gpu "${device[@]}" "${compiled[@]}" 2>&1 | tee "$out/gpu_compile.md" \
     || echo "compiled run ended with status $?" | tee -a "$out/gpu_compile.md"
 fi
+timeout "${limits[3]}" python3 -m bench.host_budget "${budget[@]}" 2>&1 | tee "$out/host_budget.md" \
+  || echo "host budget run ended with status $?" | tee -a "$out/host_budget.md"
 echo "tables in $out"
 exit "$status"

@@ -2,6 +2,8 @@
 
     python -m bench.pipeline_efficiency                # 192 images, chunks 8/32/128, 2 pools, 2 io modes: ~8 min
     python -m bench.pipeline_efficiency --chunk-sizes 32 --io-modes processes   # the defaults and solo: ~3 min
+    python -m bench.pipeline_efficiency --queries 8,50 --chunk-sizes 32 --pools threads:2 --io-modes processes \
+        --images 48 --naive-images 12 --no-probes      # crowded images (50 masks each) beside 8: ~6 min
 
 Everything runs on one set of JPEG photos in a SeaweedFS S3 server (its own process) and one private Redis:
 
@@ -44,6 +46,7 @@ import torch
 from PIL import Image
 
 from bench.common import (
+    BENCH_SHAPE,
     DEFAULT_WORK_DIR,
     STAGES,
     Service,
@@ -101,6 +104,8 @@ class Config:
     threshold: float
     work_dir: Path
     json_out: Path | None
+    queries: tuple[int, ...] = (BENCH_SHAPE.num_queries,)
+    probes: bool = True
 
 
 def _arguments(argv: list[str] | None) -> Config:
@@ -117,6 +122,10 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--threshold", type=float, default=0.0, help="score threshold (0: every query kept)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--queries", default=str(BENCH_SHAPE.num_queries),
+                        help="the model's queries, comma-separated: every one is kept at threshold 0, so this is "
+                             "the instances per image (8,50: the crowded case beside the usual one)")
+    parser.add_argument("--no-probes", action="store_true", help="skip the encoding and GIL probes (sections 4, 5)")
     args = parser.parse_args(argv)
     pools = tuple((name, int(count)) for name, _, count in (p.partition(":") for p in args.pools.split(",")))
     return Config(
@@ -125,6 +134,7 @@ def _arguments(argv: list[str] | None) -> Config:
         io_modes=tuple(args.io_modes.split(",")), io_workers=args.io_workers,
         model_threads=args.model_threads, naive_images=min(args.naive_images, args.images),
         threshold=args.threshold, work_dir=args.work_dir, json_out=args.json,
+        queries=tuple(int(q) for q in args.queries.split(",")), probes=not args.no_probes,
     )
 
 
@@ -472,8 +482,9 @@ def measure(config: Config, checkpoint: Path, redis_url: str, s3: Service) -> Fi
     naive_ceiling = measure_ceiling(runtime, sample, config)
     figures.naive = naive_loop(runtime, settings, uris[: config.naive_images], config, kept, naive_ceiling)
     print(f"naive loop: {figures.naive.images_per_s:.2f} images/s", flush=True)
-    figures.encoding = encoding_costs(kept[:ENCODING_SAMPLE], storage)
-    figures.contention = contention(runtime, sample, settings, uris, kept[0], config)
+    if config.probes:
+        figures.encoding = encoding_costs(kept[:ENCODING_SAMPLE], storage)
+        figures.contention = contention(runtime, sample, settings, uris, kept[0], config)
     del kept
     for io_mode in config.io_modes:
         for pool, concurrency in config.pools:
@@ -492,14 +503,20 @@ def _config_dict(config: Config) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     config = _arguments(argv)
     use_fake_aws_credentials()
-    shutil.rmtree(config.work_dir / "redis", ignore_errors=True)
     config.work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = bench_checkpoint(config.work_dir)
-    with redis_server(config.work_dir) as redis_url, s3_server(config.work_dir) as s3:
-        figures = measure(config, checkpoint, redis_url, s3)
-    print(report(figures, config))
+    measured: list[tuple[int, Figures]] = []
+    for queries in config.queries:
+        checkpoint = bench_checkpoint(config.work_dir, replace(BENCH_SHAPE, num_queries=queries))
+        shutil.rmtree(config.work_dir / "redis", ignore_errors=True)
+        print(f"-- {queries} queries per image (all kept at threshold {config.threshold:g})", flush=True)
+        with redis_server(config.work_dir) as redis_url, s3_server(config.work_dir) as s3:
+            figures = measure(config, checkpoint, redis_url, s3)
+        print(report(figures, config), flush=True)
+        measured.append((queries, figures))
+    if len(measured) > 1:
+        print("\n" + crowded_section(measured))
     if config.json_out:
-        config.json_out.write_text(json.dumps(asdict(figures), indent=2))
+        config.json_out.write_text(json.dumps([asdict(figures) for _, figures in measured], indent=2))
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -521,6 +538,24 @@ def _default_run(figures: Figures) -> RunFigures:
     preferred = [r for r in figures.runs
                  if (r.io_mode, r.pool, r.concurrency, r.chunk_size) == ("processes", "threads", 2, 32)]
     return preferred[0] if preferred else max(figures.runs, key=lambda r: r.efficiency)
+
+
+def crowded_section(measured: list[tuple[int, Figures]]) -> str:
+    """Pipeline against its naive loop at each instance count (the crowded case: dozens of masks per image)."""
+    rows = []
+    for _queries, figures in measured:
+        run, naive = _default_run(figures), figures.naive
+        if naive is None:
+            continue
+        rows.append((f"{run.ceiling.instances_per_image:.0f}", f"{naive.images_per_s:.2f}",
+                     f"{run.images_per_s:.2f}", f"**{run.images_per_s / naive.images_per_s:.2f}x**",
+                     f"{run.efficiency:.2f}", f"{run.stage_ms.get('model', 0.0):.0f}",
+                     f"{naive.stage_ms.get('model', 0.0):.0f}",
+                     " / ".join(f"{run.cpu_ms[name]:.0f}" for name in ("worker", "s3", "bench"))))
+    header = ("instances per image", "naive loop images/s", "pipeline images/s", "pipeline ÷ naive",
+              "pipeline ÷ bare model", "worker model stage ms/image", "naive model ms/image (batch of 1)",
+              "CPU ms/image: worker / S3 server / submit")
+    return "## Crowded images: the pipeline against its own naive loop, by instances per image\n" + table(header, rows)
 
 
 def efficiency_section(figures: Figures, config: Config) -> str:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_session_smoke_mode_writes_its_tables_with_instances_on_every_image(tmp_path: Path) -> None:
     env = os.environ | {"OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([str(ROOT / "bench" / "gpu_session.sh"), "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=280)
+                          capture_output=True, text=True, timeout=600)
 
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     bench = (tmp_path / "gpu_bench.md").read_text()
@@ -24,6 +24,9 @@ def test_gpu_session_smoke_mode_writes_its_tables_with_instances_on_every_image(
     assert "process_chunk, two chunks at once" in bench
     assert re.search(r"^\| autocast-bf16 \| \d\.\d\de-\d\d \|", bench, re.MULTILINE), bench  # against float32
     assert "torch.compile toolchain" in (tmp_path / "environment.txt").read_text()
+    budget = (tmp_path / "host_budget.md").read_text()  # the host budget around the real (smoke) model
+    assert re.search(r"^\| \*\*host CPU ms/image\*\* .* \| \*\*\d+\.\d\*\* \|", budget, re.MULTILINE), budget
+    assert "normalized, full decode" in budget  # the old input path measured beside the new one
 
 
 def test_the_wheel_list_pins_what_the_gpu_machine_lacks() -> None:

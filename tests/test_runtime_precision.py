@@ -140,7 +140,7 @@ def test_cached_text_embeddings_are_copies_that_keep_no_batch_alive(tiny_checkpo
 def test_vision_rows_copy_only_the_feature_levels_the_model_reads(
     tiny_runtime: Sam3Runtime, scenes: list[Image.Image]
 ) -> None:
-    pixels = torch.stack([tiny_runtime.prepare(s).pixel_values for s in scenes[:3]])
+    pixels = tiny_runtime._stack([tiny_runtime.prepare(s) for s in scenes[:3]])
     with torch.inference_mode():
         vision = tiny_runtime.model.get_vision_features(pixel_values=pixels)
         rows = torch.tensor([2, 0, 0, 1, 2])

@@ -107,7 +107,7 @@ def test_the_tracker_reuses_the_detectors_vision_pass_and_gets_its_own_embedding
 ) -> None:
     tracker = tiny_runtime.visual.tracker()
     assert tiny_runtime.visual.shares_vision, "the tiny tracker's ViT is the detector's, as in facebook/sam3"
-    pixels = torch.stack([tiny_runtime.prepare(image).pixel_values for image in scenes])
+    pixels = tiny_runtime._stack([tiny_runtime.prepare(image) for image in scenes])
     with torch.inference_mode():
         shared = embeddings_from_detector(tracker, tiny_runtime.model.get_vision_features(pixel_values=pixels))
         own = embeddings_from_pixels(tracker, pixels)

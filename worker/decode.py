@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +31,9 @@ _ORIENTATION_TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+# The orientations whose transpose swaps width and height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
 
 # Only used to word the reason when Pillow cannot parse a header that claims to be one of our formats.
 _SIGNATURES = {
@@ -67,6 +71,35 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     _check_pixel_count(image.size, max_pixels)
     _load(image)
     return _to_rgb(_upright(image))
+
+
+@dataclass(frozen=True)
+class ModelImage:
+    """A decoded image for the model alone: pixels possibly reduced, and the upright full size masks must have."""
+
+    image: Image.Image  # upright RGB; a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (never below at_least_wh)
+    size_wh: tuple[int, int]  # the upright image's full size, from the header
+
+
+def decode_for_model(data: bytes, *, max_pixels: int, at_least_wh: tuple[int, int]) -> ModelImage:
+    """``decode_image``, but a JPEG larger than ``at_least_wh`` is decoded at a reduced scale (Pillow's draft).
+
+    The decoder then skips most of the inverse DCT work: a 4000x3000 photo for a 1008x1008 model input
+    is decoded at 2000x1500. Only for the model's input: outputs that need the full-resolution pixels
+    (the masked image) use ``decode_image``. Masks are still made at ``size_wh``, the full size.
+    """
+    if not data:
+        raise BadImageError("empty file (0 bytes)")
+    image = _open(data)
+    _check_pixel_count(image.size, max_pixels)
+    turned = _orientation(image) in _QUARTER_TURNS
+    stored_wh = image.size
+    if image.format == "JPEG":
+        # The draft size is in the stored orientation: the image is turned upright only after decoding.
+        image.draft(None, at_least_wh[::-1] if turned else at_least_wh)
+    _load(image)
+    full_wh = (stored_wh[1], stored_wh[0]) if turned else stored_wh
+    return ModelImage(_to_rgb(_upright(image)), full_wh)
 
 
 def normalise_image(image: Image.Image, *, max_pixels: int) -> Image.Image:

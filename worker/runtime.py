@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import PIL.Image
 import torch
+import torchvision.transforms.v2.functional as tv_functional
 from transformers import Sam3Model, Sam3Processor
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
@@ -19,7 +21,7 @@ from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.compile_toolchain import require_compile_toolchain
 from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.device_post import UPSAMPLE_PIXEL_BUDGET, PendingDetections
-from sam3_batch.worker.model_input import PreparedImage
+from sam3_batch.worker.model_input import DeviceNormalizer, PixelHandOff, PreparedImage
 from sam3_batch.worker.precision import Precision, keep_heads_in_float32, resolve_precision
 from sam3_batch.worker.sam3_adapter import (
     as_text_embeds,
@@ -49,17 +51,45 @@ AUTO_BATCH_MEMORY_SHARE = 0.85
 _Finish = Callable[[], list[list[PromptDetections]]]
 
 
+_BILINEAR = tv_functional.InterpolationMode.BILINEAR
+
+
 @dataclass(frozen=True)
 class ImagePreparer:
-    """The processor's resize + normalize of one decoded image. Picklable: loader processes run it."""
+    """The processor's resize + normalize of one decoded image. Picklable: loader processes run it.
+
+    ``hand_off`` says how much of it runs here and how much on the device (``model_input.PixelHandOff``).
+    """
 
     image_processor: Any
     dtype: torch.dtype  # the model's: casting here halves the bytes moved in bf16/fp16
+    hand_off: PixelHandOff = "uint8"
+
+    @property
+    def input_size_wh(self) -> tuple[int, int]:
+        """The model's input size: a JPEG needs decoding at no more than this (``decode_for_model``)."""
+        size: Any = self.image_processor.size
+        return int(size["width"]), int(size["height"])
 
     def __call__(self, image: PIL.Image.Image) -> PreparedImage:
+        size_hw = (image.height, image.width)
+        if self.hand_off == "uint8":
+            # The processor's own resize (torchvision, bilinear, antialiased, on uint8), without the processor's
+            # per-call overhead; normalising is left to the device: the same pixels for a quarter of the host
+            # CPU and bytes (bench/RESULTS.md, "Host budget").
+            side_w, side_h = self.input_size_wh
+            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            return PreparedImage(tv_functional.resize(pixels, [side_h, side_w], interpolation=_BILINEAR,
+                                                      antialias=True), size_hw)
         encoded = self.image_processor(images=image, return_tensors="pt")
-        pixels: torch.Tensor = encoded["pixel_values"][0].to(self.dtype)
-        return PreparedImage(pixel_values=pixels, original_size_hw=(image.height, image.width))
+        return PreparedImage(encoded["pixel_values"][0].to(self.dtype), size_hw)
+
+    def device_normalizer(self) -> DeviceNormalizer:
+        """What finishes 8-bit pixels on the device exactly as this processor would have on the host."""
+        size: Any = self.image_processor.size
+        mean, std = self.image_processor.image_mean, self.image_processor.image_std
+        return DeviceNormalizer((int(size["height"]), int(size["width"])), tuple(mean), tuple(std),
+                                float(self.image_processor.rescale_factor))
 
 
 @dataclass(frozen=True)
@@ -152,6 +182,7 @@ class Sam3Runtime:
         self.precision = precision or Precision(str(dtype).removeprefix("torch."), dtype)
         self.dtype = self.precision.weights
         self.preparer = ImagePreparer(processor.image_processor, dtype)
+        self._normalizer = self.preparer.device_normalizer()
         text_config: Any = model.config.text_config
         self._text_tokens = int(text_config.max_position_embeddings)
         self._text_cache: OrderedDict[str, _TextEmbedding] = OrderedDict()
@@ -392,6 +423,8 @@ class Sam3Runtime:
         return start_detections(outputs, rows.prompts, rows.sizes_hw, thresholds, masks)
 
     def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
+        if images[0].pixel_values.dtype == torch.uint8:  # the loaders left normalising to the device
+            return self._normalizer([image.pixel_values for image in images], self.device, self.dtype)
         pixels = [image.pixel_values.to(self.dtype) for image in images]
         if self.device.type == "cuda":
             # Stacked into page-locked memory (torch's host allocator caches it), then one asynchronous
