@@ -68,6 +68,8 @@ def _count(planned: PlannedChunk) -> None:
     metrics.CHUNKS.inc(1 if planned.message else 0)
     metrics.SKIPPED.inc(planned.skipped)
     metrics.BAD_ENTRIES.inc(len(planned.problems))
+
+
 def done_index_for(storage: Storage, output_root: str, layout: str, chunk_size: int) -> DoneIndex | ShardIndex:
     """One listing: of the ``K.json`` files (image layout) or of the shards (chunk layout)."""
     if layout == "chunk":

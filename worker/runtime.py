@@ -114,6 +114,8 @@ class _Rows:
     def part(self, start: int, limit: int | None) -> _Rows:
         end = len(self.prompts) if limit is None else start + limit
         return _Rows(self.images[start:end], self.prompts[start:end], self.sizes_hw[start:end])
+
+
 def resolved_commit(model: str, revision: str) -> str | None:
     """The hub commit ``revision`` of ``model`` resolved to in the local cache (None for a local folder)."""
     if Path(model).exists():
