@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, OutputOptions, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker import device_post
-from sam3_batch.worker.detections import MaskDelivery, PromptDetections
-from sam3_batch.worker.device_post import defer_to_writer
+from sam3_batch.worker.detections import DeferredMasks, MaskDelivery, PromptDetections, materialised
+from sam3_batch.worker.device_post import defer_to_writer, sigmoid_then_upsample, start_masks
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
 from tests.fixtures.model import scene_image
@@ -39,10 +40,10 @@ def test_the_model_call_returns_logits_for_a_writer_that_materialises_them_as_th
     with defer_to_writer():
         deferred = _segment(tiny_runtime, delivery)
 
-    rows = [(want, got) for wants, gots in zip(in_process, deferred, strict=True)
-            for want, got in zip(wants, gots, strict=True)]
-    assert sum(len(want) for want, _ in rows) > 0
-    for want, got in rows:
+    rows = [(want, got, done) for wants, gots in zip(in_process, deferred, strict=True)
+            for want, got, done in zip(wants, gots, materialised(gots), strict=True)]
+    assert sum(len(want) for want, _, _ in rows) > 0
+    for want, got, done in rows:
         assert want.deferred is None and want.codes is not None
         assert got.masks is None and got.codes is None and got.packed is None and got.deferred is not None
         # Low-resolution logits (the model's mask size), not full-size masks.
@@ -51,7 +52,6 @@ def test_the_model_call_returns_logits_for_a_writer_that_materialises_them_as_th
         assert got.deferred.size_hw == want.mask_codes().size_hw and got.deferred.delivery == delivery
         np.testing.assert_array_equal(got.scores, want.scores)
         np.testing.assert_array_equal(got.boxes_xyxy, want.boxes_xyxy)
-        done = got.materialised()
         assert done.deferred is None and done.codes is not None
         assert done.codes.rles == want.codes.rles
         np.testing.assert_array_equal(done.codes.areas, want.codes.areas)
@@ -117,3 +117,25 @@ def test_a_cpu_chunk_written_by_writer_processes_equals_the_in_process_post_proc
     assert sum(name.endswith(".png") for name in deferred) > len(items)  # PNG masks of many instances
     for name, data in in_process.items():
         assert deferred[name] == data, name
+
+
+def test_the_writer_upsamples_with_the_runtime_threads_for_identical_masks() -> None:
+    """CPU bilinear upsampling of 3 masks on 1 thread rounds unlike on 2: the writer takes the runtime's count."""
+    logits = torch.rand(3, 72, 72, generator=torch.Generator().manual_seed(0)) * 0.02 - 0.01  # near 0.5
+    size_hw, threads = (640, 480), torch.get_num_threads()
+
+    def in_process(count: int) -> list[object]:
+        torch.set_num_threads(count)
+        [row] = start_masks(logits, [(size_hw, 3)], 0.5, "full", sigmoid_then_upsample).finish()
+        return [row.codes.rles, row.masks]
+
+    try:
+        on_one, on_two = in_process(1), in_process(2)
+        assert on_one[0] != on_two[0]  # else this test could not tell the thread counts apart
+        deferred = PromptDetections("p", None, np.ones(3, np.float32), np.zeros((3, 4), np.float32),
+                                    deferred=DeferredMasks(logits.numpy(), size_hw, 0.5, "full", threads=1))
+        done = deferred.materialised()
+        assert done.codes is not None and done.codes.rles == on_one[0]
+        np.testing.assert_array_equal(done.full_masks(), on_one[1])
+    finally:
+        torch.set_num_threads(threads)

@@ -62,6 +62,10 @@ class DeferredMasks:
     size_hw: tuple[int, int]  # the image's full size the masks are made at
     threshold: float  # the mask threshold (on probabilities, upsampled as the detector does)
     delivery: MaskDelivery  # what of the full masks the writer needs besides RLE, area, bbox
+    # The deferring process's torch threads: CPU bilinear upsampling picks its kernel by thread and channel
+    # count (1 thread, 3 masks per call: another rounding), so the writer upsamples with as many threads
+    # and the same groups of masks as the runtime would have, for identical masks.
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,8 @@ class PromptDetections:
         """These detections with their masks post-processed (``worker.device_post``), if they were deferred."""
         if self.deferred is None:
             return self
-        from sam3_batch.worker.device_post import materialise  # device_post builds on this module
-
-        return materialise(self)
+        [found] = materialised([self])
+        return found
 
     def mask_codes(self) -> MaskCodes:
         """RLE, area and bbox per instance: as computed on the device, else encoded from the masks here."""
@@ -135,3 +138,12 @@ class PromptDetections:
         if not self.codes.rles:
             return np.zeros((0, *self.codes.size_hw), dtype=np.bool_)
         return np.stack([decode_rle(rle) for rle in self.codes.rles])
+
+
+def materialised(detections: list[PromptDetections]) -> list[PromptDetections]:
+    """One image's detections, the deferred ones post-processed together, as the runtime would have."""
+    if all(found.deferred is None for found in detections):
+        return detections
+    from sam3_batch.worker.device_post import materialise  # device_post builds on this module
+
+    return materialise(detections)

@@ -291,12 +291,27 @@ def deferred_logits(logits: torch.Tensor) -> npt.NDArray[np.generic]:
     return np.array(logits.cpu().numpy(), copy=True)
 
 
-def materialise(found: PromptDetections) -> PromptDetections:
-    """Deferred detections finished with the same post-processing the runtime runs on the CPU."""
-    deferred = found.deferred
-    if deferred is None:
-        return found
-    [row] = start_masks(torch.from_numpy(deferred.logits), [(deferred.size_hw, len(found))], deferred.threshold,
-                        deferred.delivery, sigmoid_then_upsample, encode_on_device=False).finish()
-    return replace(found, masks=row.masks, codes=row.codes, packed=row.packed, deferred=None)
+def materialise(detections: list[PromptDetections]) -> list[PromptDetections]:
+    """One image's detections with their deferred masks post-processed as the runtime does on the CPU.
 
+    The deferred rows' instances go through one ``start_masks`` call, as the runtime's rows of one image
+    do, with the runtime's torch threads: the same upsampling calls, so the same masks (byte for byte).
+    """
+    parts = [found.deferred for found in detections if found.deferred is not None]
+    first = parts[0]
+    if any((part.threshold, part.delivery, part.threads) != (first.threshold, first.delivery, first.threads)
+           for part in parts):
+        raise ValueError("deferred detections of one image must come from one runtime call")
+    if torch.get_num_threads() != first.threads:
+        torch.set_num_threads(first.threads)  # a writer process: it post-processes for this runtime only
+    logits = torch.from_numpy(np.concatenate([part.logits for part in parts]))
+    finished = iter(start_masks(logits, [(part.size_hw, len(part.logits)) for part in parts], first.threshold,
+                                first.delivery, sigmoid_then_upsample, encode_on_device=False).finish())
+    done: list[PromptDetections] = []
+    for found in detections:
+        if found.deferred is None:
+            done.append(found)
+            continue
+        row = next(finished)
+        done.append(replace(found, masks=row.masks, codes=row.codes, packed=row.packed, deferred=None))
+    return done

@@ -63,9 +63,6 @@ class WriterSetup:
     settings: Settings
 
     def __call__(self, own_process: bool) -> Storage:
-        if own_process:
-            # Masks deferred by a CPU runtime are upsampled here: one core per writer, none taken from the model.
-            torch.set_num_threads(1)
         return Storage(self.settings)
 
 

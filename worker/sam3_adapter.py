@@ -82,14 +82,15 @@ def start_detections(
     flat_index = torch.cat([row * logits.shape[1] + k for row, k in enumerate(kept)])
     instance_logits = mask_logits.flatten(0, 1).index_select(0, flat_index.to(mask_logits.device))
     if defer:
-        host_logits, first = deferred_logits(instance_logits), 0
+        host_logits, first, threads = deferred_logits(instance_logits), 0, torch.get_num_threads()
         found: list[PromptDetections] = []
         for row, k in enumerate(kept):
             found.append(PromptDetections(
                 prompt=prompts[row], presence_score=presence_host[row],
                 scores=scores_host[row, k].numpy().astype(np.float32),
                 boxes_xyxy=_scaled_boxes(boxes_host[row, k], sizes_hw[row]),
-                deferred=DeferredMasks(host_logits[first : first + len(k)], sizes_hw[row], thresholds.mask, delivery),
+                deferred=DeferredMasks(host_logits[first : first + len(k)], sizes_hw[row], thresholds.mask, delivery,
+                                       threads),
             ))
             first += len(k)
         return DeferredDetections(found)

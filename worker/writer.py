@@ -25,7 +25,7 @@ from sam3_batch.contracts.schemas import (
 )
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import RgbPixels, rgb_pixels
-from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections
+from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections, materialised
 from sam3_batch.worker.encode import (
     encode_masked_image,
     encode_overlay_image,
@@ -58,8 +58,8 @@ class WriteRequest:
 
     def materialised(self) -> WriteRequest:
         """The request with every deferred detection post-processed (``PromptDetections.materialised``)."""
-        return replace(self, detections=[found.materialised() for found in self.detections],
-                       object_detections=[found.materialised() for found in self.object_detections])
+        return replace(self, detections=materialised(self.detections),
+                       object_detections=materialised(self.object_detections))
 
     @classmethod
     def of_image(
