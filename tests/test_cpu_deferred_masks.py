@@ -96,7 +96,8 @@ def _files(root: Path) -> dict[str, bytes]:
 def _chunk(runtime: Sam3Runtime, items: list[WorkItem], root: Path, io_mode: str) -> dict[str, bytes]:
     spec = JobSpec(job_id="cpu-deferred", prompts=PROMPTS, thresholds=THRESHOLDS,
                    outputs=OutputOptions(png_masks=True, masked_image=True), output_root=f"file://{root}")
-    settings = Settings(device="cpu", batch_size=2, io_workers=2, io_mode=io_mode)
+    # Batches of one: which images share a batch follows load order, and batching moves the model's floats.
+    settings = Settings(device="cpu", batch_size=1, io_workers=2, io_mode=io_mode)
     context = ChunkContext.create(runtime, Storage(settings), settings)
     try:
         result = process_chunk(ChunkMessage(job_id=spec.job_id, chunk_id="chunk-0", items=items), spec, context)
