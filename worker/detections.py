@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -49,11 +49,33 @@ class PackedMasks:
 
 
 @dataclass(frozen=True)
+class DeferredMasks:
+    """Kept instances' low-resolution mask logits, post-processed later by whoever writes them.
+
+    On a CPU "device" the model's core would otherwise upsample, threshold and encode every full-size mask;
+    deferred, the writer (a stage process) runs the same ``worker.device_post`` functions on these logits.
+    The logits stay in the model's dtype when numpy has it (upsampling starts with ``.float()``, so the
+    masks are identical); bfloat16 comes as float32, which is exact.
+    """
+
+    logits: npt.NDArray[Any]  # (N, h, w) at the model's mask resolution
+    size_hw: tuple[int, int]  # the image's full size the masks are made at
+    threshold: float  # the mask threshold (on probabilities, upsampled as the detector does)
+    delivery: MaskDelivery  # what of the full masks the writer needs besides RLE, area, bbox
+    # The deferring process's torch threads: CPU bilinear upsampling picks its kernel by thread and channel
+    # count (1 thread, 3 masks per call: another rounding), so the writer upsamples with as many threads
+    # and the same groups of masks as the runtime would have, for identical masks.
+    threads: int
+
+
+@dataclass(frozen=True)
 class PromptDetections:
     """Every instance found for one prompt on one image, at the image's full resolution.
 
     The masks come as any of: ``codes`` (RLE + area + bbox, computed on the device), ``packed`` full masks,
     or ``masks`` (bool); ``mask_codes()`` and ``full_masks()`` give either form from what is there.
+    Or, from a CPU runtime whose writer post-processes, ``deferred`` logits: ``materialised()`` turns them
+    into codes (and masks), as the runtime would have.
     """
 
     prompt: str
@@ -63,6 +85,7 @@ class PromptDetections:
     masks: npt.NDArray[np.bool_] | None = None  # (N, H, W)
     codes: MaskCodes | None = None
     packed: PackedMasks | None = None
+    deferred: DeferredMasks | None = None
 
     def __post_init__(self) -> None:
         n = self.scores.shape[0] if self.scores.ndim == 1 else -1
@@ -70,8 +93,10 @@ class PromptDetections:
             raise ValueError(f"scores must be 1-D (N,), got shape {self.scores.shape}")
         if self.boxes_xyxy.shape != (n, 4):
             raise ValueError(f"boxes_xyxy must have shape ({n}, 4), got {self.boxes_xyxy.shape}")
-        if self.masks is None and self.codes is None:
-            raise ValueError("detections need their masks: bool masks or mask codes (RLE, area, bbox)")
+        if self.masks is None and self.codes is None and self.deferred is None:
+            raise ValueError("detections need their masks: bool masks, mask codes (RLE, area, bbox) or mask logits")
+        if self.deferred is not None and self.deferred.logits.shape[0] != n:
+            raise ValueError(f"deferred mask logits must hold {n} instances, got {self.deferred.logits.shape[0]}")
         if self.masks is not None:
             if self.masks.ndim != 3 or self.masks.shape[0] != n:
                 raise ValueError(f"masks must have shape ({n}, H, W), got {self.masks.shape}")
@@ -85,8 +110,17 @@ class PromptDetections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def materialised(self) -> PromptDetections:
+        """These detections with their masks post-processed (``worker.device_post``), if they were deferred."""
+        if self.deferred is None:
+            return self
+        [found] = materialised([self])
+        return found
+
     def mask_codes(self) -> MaskCodes:
         """RLE, area and bbox per instance: as computed on the device, else encoded from the masks here."""
+        if self.deferred is not None:
+            return self.materialised().mask_codes()
         if self.codes is not None:
             return self.codes
         assert self.masks is not None  # __post_init__ requires one of the two
@@ -94,6 +128,8 @@ class PromptDetections:
 
     def full_masks(self) -> npt.NDArray[np.bool_]:
         """(N, H, W) bool masks: as given, unpacked from bits, or decoded from the RLEs."""
+        if self.deferred is not None:
+            return self.materialised().full_masks()
         if self.masks is not None:
             return self.masks
         if self.packed is not None:
@@ -102,3 +138,12 @@ class PromptDetections:
         if not self.codes.rles:
             return np.zeros((0, *self.codes.size_hw), dtype=np.bool_)
         return np.stack([decode_rle(rle) for rle in self.codes.rles])
+
+
+def materialised(detections: list[PromptDetections]) -> list[PromptDetections]:
+    """One image's detections, the deferred ones post-processed together, as the runtime would have."""
+    if all(found.deferred is None for found in detections):
+        return detections
+    from sam3_batch.worker.device_post import materialise  # device_post builds on this module
+
+    return materialise(detections)

@@ -10,8 +10,10 @@ does the host part (pycocotools' string compression, unpacking) once the lock is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +34,13 @@ CPU_UPSAMPLE_PIXEL_BUDGET = 2 * 1024 * 1024
 
 # Tests set this to run the device encoder (torch) on the CPU through the whole runtime.
 TORCH_ENCODER_ON_CPU = False
+
+# Whether whoever asks for detections now hands them to a writer that calls ``materialised()``: then a CPU
+# runtime defers the detector's mask post-processing to it (``defer_to_writer``). Off by default, so every
+# other caller (the Python API, the visual path, tests, benches) gets finished detections.
+_WRITER_MATERIALISES: ContextVar[bool] = ContextVar("writer_materialises", default=False)
+# Tests and benches turn the deferral off to compare with the in-process path.
+DEFER_ON_CPU = True
 
 # (K, h, w) mask logits, the full size, the mask threshold -> (K, H, W) bool masks on the same device.
 Upsampler = Callable[[torch.Tensor, tuple[int, int], float], torch.Tensor]
@@ -243,3 +252,66 @@ class PendingDetections:
 
     def finish(self) -> list[PromptDetections]:
         return self._assemble(self._masks.finish())
+
+
+class DeferredDetections(PendingDetections):
+    """Detections whose masks a writer post-processes (``PromptDetections.deferred``): nothing to wait for."""
+
+    def __init__(self, detections: list[PromptDetections]) -> None:
+        self._detections = detections
+
+    def finish(self) -> list[PromptDetections]:
+        return self._detections
+
+
+@contextmanager
+def defer_to_writer() -> Iterator[None]:
+    """Within this block, the detections asked for go to a writer that materialises them."""
+    token = _WRITER_MATERIALISES.set(True)
+    try:
+        yield
+    finally:
+        _WRITER_MATERIALISES.reset(token)
+
+
+def defers_on(device: torch.device) -> bool:
+    """Whether the detector's mask post-processing is left to the writer: on a CPU device, when one materialises.
+
+    On a CPU the "device" is the model's own core: the writer processes have the other cores. On a GPU the
+    device post-processing stays (only run lengths cross to the host).
+    """
+    return device.type == "cpu" and DEFER_ON_CPU and _WRITER_MATERIALISES.get()
+
+
+def deferred_logits(logits: torch.Tensor) -> npt.NDArray[np.generic]:
+    """(K, h, w) instance logits as a host array for the writer: the model's dtype if numpy has it."""
+    if logits.dtype not in (torch.float32, torch.float16):
+        logits = logits.float()  # bfloat16 -> float32 is exact, and upsampling starts with .float() anyway
+    # A copy outside inference mode: the writer's transport moves the array's storage into shared memory.
+    return np.array(logits.cpu().numpy(), copy=True)
+
+
+def materialise(detections: list[PromptDetections]) -> list[PromptDetections]:
+    """One image's detections with their deferred masks post-processed as the runtime does on the CPU.
+
+    The deferred rows' instances go through one ``start_masks`` call, as the runtime's rows of one image
+    do, with the runtime's torch threads: the same upsampling calls, so the same masks (byte for byte).
+    """
+    parts = [found.deferred for found in detections if found.deferred is not None]
+    first = parts[0]
+    if any((part.threshold, part.delivery, part.threads) != (first.threshold, first.delivery, first.threads)
+           for part in parts):
+        raise ValueError("deferred detections of one image must come from one runtime call")
+    if torch.get_num_threads() != first.threads:
+        torch.set_num_threads(first.threads)  # a writer process: it post-processes for this runtime only
+    logits = torch.from_numpy(np.concatenate([part.logits for part in parts]))
+    finished = iter(start_masks(logits, [(part.size_hw, len(part.logits)) for part in parts], first.threshold,
+                                first.delivery, sigmoid_then_upsample, encode_on_device=False).finish())
+    done: list[PromptDetections] = []
+    for found in detections:
+        if found.deferred is None:
+            done.append(found)
+            continue
+        row = next(finished)
+        done.append(replace(found, masks=row.masks, codes=row.codes, packed=row.packed, deferred=None))
+    return done

@@ -22,6 +22,7 @@ from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker import metrics
 from sam3_batch.worker.detections import MaskDelivery, PromptDetections
+from sam3_batch.worker.device_post import defer_to_writer
 from sam3_batch.worker.io_stages import (
     AlreadyDone,
     DoneCheck,
@@ -337,7 +338,9 @@ def _segment_by_prompt_kind(runtime: SegmentationRuntime, batch: list[LoadedImag
     thresholds, masks = spec.thresholds, masks_for_writer(spec)
     if not any(has_visual_prompts(b.prompts, b.objects) for b in batch):
         texts = [[p for p in b.prompts if isinstance(p, str)] for b in batch]
-        return [(found, []) for found in runtime.segment([b.prepared for b in batch], texts, thresholds, masks)]
+        with defer_to_writer():  # every detection goes to a writer, which materialises deferred masks
+            found = runtime.segment([b.prepared for b in batch], texts, thresholds, masks)
+        return [(detections, []) for detections in found]
     segment_visual = getattr(runtime, "segment_visual", None)
     if not callable(segment_visual):
         raise ItemError("this runtime does not support visual prompts (exemplar boxes, objects)")

@@ -20,7 +20,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, 
 from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.compile_toolchain import require_compile_toolchain
 from sam3_batch.worker.detections import MaskDelivery, PromptDetections
-from sam3_batch.worker.device_post import UPSAMPLE_PIXEL_BUDGET, PendingDetections
+from sam3_batch.worker.device_post import UPSAMPLE_PIXEL_BUDGET, PendingDetections, defers_on
 from sam3_batch.worker.model_input import DeviceNormalizer, PixelHandOff, PreparedImage
 from sam3_batch.worker.precision import Precision, keep_heads_in_float32, resolve_precision
 from sam3_batch.worker.sam3_adapter import (
@@ -422,7 +422,9 @@ class Sam3Runtime:
             text_embeds=as_text_embeds(features),
             attention_mask=attention_mask,
         )
-        return start_detections(outputs, rows.prompts, rows.sizes_hw, thresholds, masks)
+        # On a CPU whose writer materialises, the masks are post-processed there, not on the model's core.
+        return start_detections(outputs, rows.prompts, rows.sizes_hw, thresholds, masks,
+                                defer=defers_on(self.device))
 
     def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
         if images[0].pixel_values.dtype == torch.uint8:  # the loaders left normalising to the device

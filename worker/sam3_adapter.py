@@ -18,10 +18,12 @@ from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, 
 
 from sam3_batch.contracts.errors import Sam3BatchError
 from sam3_batch.contracts.schemas import Thresholds
-from sam3_batch.worker.detections import MaskDelivery, PromptDetections
+from sam3_batch.worker.detections import DeferredMasks, MaskDelivery, PromptDetections
 from sam3_batch.worker.device_post import (
+    DeferredDetections,
     PendingDetections,
     RowMasks,
+    deferred_logits,
     sigmoid_then_upsample,
     start_masks,
 )
@@ -50,10 +52,14 @@ def start_detections(
     sizes_hw: Sequence[tuple[int, int]],
     thresholds: Thresholds,
     delivery: MaskDelivery,
+    *,
+    defer: bool = False,
 ) -> PendingDetections:
     """The detections of each output row, their masks post-processed on the device and still on their way.
 
-    ``prompts`` and ``sizes_hw`` name each row's prompt and its image's original (height, width).
+    ``prompts`` and ``sizes_hw`` name each row's prompt and its image's original (height, width). With
+    ``defer``, the masks are not post-processed here: each row carries its kept instances' mask logits
+    (``DeferredMasks``) for the writer to finish (``PromptDetections.materialised``).
     """
     logits = _required(outputs.pred_logits, "pred_logits")  # (R, Q)
     boxes = _required(outputs.pred_boxes, "pred_boxes")  # (R, Q, 4) xyxy relative to the image
@@ -75,6 +81,19 @@ def start_detections(
     # Every row's kept instances in one gather, row after row: (K, h, w).
     flat_index = torch.cat([row * logits.shape[1] + k for row, k in enumerate(kept)])
     instance_logits = mask_logits.flatten(0, 1).index_select(0, flat_index.to(mask_logits.device))
+    if defer:
+        host_logits, first, threads = deferred_logits(instance_logits), 0, torch.get_num_threads()
+        found: list[PromptDetections] = []
+        for row, k in enumerate(kept):
+            found.append(PromptDetections(
+                prompt=prompts[row], presence_score=presence_host[row],
+                scores=scores_host[row, k].numpy().astype(np.float32),
+                boxes_xyxy=_scaled_boxes(boxes_host[row, k], sizes_hw[row]),
+                deferred=DeferredMasks(host_logits[first : first + len(k)], sizes_hw[row], thresholds.mask, delivery,
+                                       threads),
+            ))
+            first += len(k)
+        return DeferredDetections(found)
     pending = start_masks(instance_logits, [(size, len(k)) for size, k in zip(sizes_hw, kept, strict=True)],
                           thresholds.mask, delivery, sigmoid_then_upsample)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -25,7 +25,7 @@ from sam3_batch.contracts.schemas import (
 )
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import RgbPixels, rgb_pixels
-from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections
+from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections, materialised
 from sam3_batch.worker.encode import (
     encode_masked_image,
     encode_overlay_image,
@@ -55,6 +55,11 @@ class WriteRequest:
     objects: list[ObjectPrompt] = field(default_factory=list)
     object_detections: list[PromptDetections] = field(default_factory=list)  # one per object
     model_commit: str | None = None  # the loaded model's resolved hub commit, recorded in the metadata
+
+    def materialised(self) -> WriteRequest:
+        """The request with every deferred detection post-processed (``PromptDetections.materialised``)."""
+        return replace(self, detections=materialised(self.detections),
+                       object_detections=materialised(self.object_detections))
 
     @classmethod
     def of_image(
@@ -217,6 +222,7 @@ def write_image_outputs(request: WriteRequest, storage: Storage) -> ImageMetadat
 
 def write_counted_outputs(request: WriteRequest, storage: Storage) -> WrittenOutputs:
     """``write_image_outputs``, also counting the bytes written (the writer process returns the count)."""
+    request = request.materialised()  # masks a CPU runtime left to the writer: post-processed here
     layout = OutputLayout(request.spec.output_root, request.item.out_key)
     written = _write_png_masks(request, layout, storage) if request.spec.outputs.png_masks else 0
     masked_uri = None
