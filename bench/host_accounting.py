@@ -34,7 +34,11 @@ DEVICE_SIDE_STEPS = (
     ("sam3_batch.worker.sam3_adapter", "sigmoid_then_upsample"),
 )
 # Switches that make a CPU "device" take the path a GPU takes (RLE in torch on the device, not pycocotools).
-GPU_PATH_SWITCHES = (("sam3_batch.worker.device_post", "TORCH_ENCODER_ON_CPU", True),)
+# Mask work stays on the "device" too: not deferred to the writers, as the product does when the device is the CPU.
+GPU_PATH_SWITCHES = (
+    ("sam3_batch.worker.device_post", "TORCH_ENCODER_ON_CPU", True),
+    ("sam3_batch.worker.device_post", "DEFER_ON_CPU", False),
+)
 # Where the device's results are copied to the host: every tensor handed to it is counted as device->host bytes.
 DEVICE_TO_HOST_FETCHES = (("sam3_batch.worker.device_post", "_fetch"),)
 P = ParamSpec("P")
