@@ -15,8 +15,8 @@ from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, OutputOptions, T
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker import device_post
-from sam3_batch.worker.detections import DeferredMasks, MaskDelivery, PromptDetections, materialised
-from sam3_batch.worker.device_post import defer_to_writer, sigmoid_then_upsample, start_masks
+from sam3_batch.worker.detections import DeferredMasks, MaskDelivery, PromptDetections
+from sam3_batch.worker.device_post import defer_to_writer, materialised, sigmoid_then_upsample, start_masks
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
 from tests.fixtures.model import scene_image
@@ -135,7 +135,7 @@ def test_the_writer_upsamples_with_the_runtime_threads_for_identical_masks() -> 
         assert on_one[0] != on_two[0]  # else this test could not tell the thread counts apart
         deferred = PromptDetections("p", None, np.ones(3, np.float32), np.zeros((3, 4), np.float32),
                                     deferred=DeferredMasks(logits.numpy(), size_hw, 0.5, "full", threads=1))
-        done = deferred.materialised()
+        [done] = materialised([deferred])
         assert done.codes is not None and done.codes.rles == on_one[0]
         np.testing.assert_array_equal(done.full_masks(), on_one[1])
     finally:

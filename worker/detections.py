@@ -74,7 +74,7 @@ class PromptDetections:
 
     The masks come as any of: ``codes`` (RLE + area + bbox, computed on the device), ``packed`` full masks,
     or ``masks`` (bool); ``mask_codes()`` and ``full_masks()`` give either form from what is there.
-    Or, from a CPU runtime whose writer post-processes, ``deferred`` logits: ``materialised()`` turns them
+    Or, from a CPU runtime whose writer post-processes, ``deferred`` logits: ``device_post.materialised`` turns them
     into codes (and masks), as the runtime would have.
     """
 
@@ -110,17 +110,14 @@ class PromptDetections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
-    def materialised(self) -> PromptDetections:
-        """These detections with their masks post-processed (``worker.device_post``), if they were deferred."""
-        if self.deferred is None:
-            return self
-        [found] = materialised([self])
-        return found
+    def _check_not_deferred(self) -> None:
+        if self.deferred is not None:
+            raise ValueError("these detections' masks were deferred to the writer: "
+                             "post-process them with worker.device_post.materialised first")
 
     def mask_codes(self) -> MaskCodes:
         """RLE, area and bbox per instance: as computed on the device, else encoded from the masks here."""
-        if self.deferred is not None:
-            return self.materialised().mask_codes()
+        self._check_not_deferred()
         if self.codes is not None:
             return self.codes
         assert self.masks is not None  # __post_init__ requires one of the two
@@ -128,8 +125,7 @@ class PromptDetections:
 
     def full_masks(self) -> npt.NDArray[np.bool_]:
         """(N, H, W) bool masks: as given, unpacked from bits, or decoded from the RLEs."""
-        if self.deferred is not None:
-            return self.materialised().full_masks()
+        self._check_not_deferred()
         if self.masks is not None:
             return self.masks
         if self.packed is not None:
@@ -138,12 +134,3 @@ class PromptDetections:
         if not self.codes.rles:
             return np.zeros((0, *self.codes.size_hw), dtype=np.bool_)
         return np.stack([decode_rle(rle) for rle in self.codes.rles])
-
-
-def materialised(detections: list[PromptDetections]) -> list[PromptDetections]:
-    """One image's detections, the deferred ones post-processed together, as the runtime would have."""
-    if all(found.deferred is None for found in detections):
-        return detections
-    from sam3_batch.worker.device_post import materialise  # device_post builds on this module
-
-    return materialise(detections)

@@ -315,3 +315,10 @@ def materialise(detections: list[PromptDetections]) -> list[PromptDetections]:
         row = next(finished)
         done.append(replace(found, masks=row.masks, codes=row.codes, packed=row.packed, deferred=None))
     return done
+
+
+def materialised(detections: list[PromptDetections]) -> list[PromptDetections]:
+    """One image's detections, the deferred ones post-processed together, as the runtime would have."""
+    if all(found.deferred is None for found in detections):
+        return detections
+    return materialise(detections)

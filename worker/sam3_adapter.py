@@ -59,7 +59,7 @@ def start_detections(
 
     ``prompts`` and ``sizes_hw`` name each row's prompt and its image's original (height, width). With
     ``defer``, the masks are not post-processed here: each row carries its kept instances' mask logits
-    (``DeferredMasks``) for the writer to finish (``PromptDetections.materialised``).
+    (``DeferredMasks``) for the writer to finish (``device_post.materialised``).
     """
     logits = _required(outputs.pred_logits, "pred_logits")  # (R, Q)
     boxes = _required(outputs.pred_boxes, "pred_boxes")  # (R, Q, 4) xyxy relative to the image

@@ -25,7 +25,8 @@ from sam3_batch.contracts.schemas import (
 )
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import RgbPixels, rgb_pixels
-from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections, materialised
+from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections
+from sam3_batch.worker.device_post import materialised
 from sam3_batch.worker.encode import (
     encode_masked_image,
     encode_overlay_image,
@@ -57,7 +58,7 @@ class WriteRequest:
     model_commit: str | None = None  # the loaded model's resolved hub commit, recorded in the metadata
 
     def materialised(self) -> WriteRequest:
-        """The request with every deferred detection post-processed (``PromptDetections.materialised``)."""
+        """The request with every deferred detection post-processed (``device_post.materialised``)."""
         return replace(self, detections=materialised(self.detections),
                        object_detections=materialised(self.object_detections))
 
