@@ -291,13 +291,16 @@ def deferred_logits(logits: torch.Tensor) -> npt.NDArray[np.generic]:
     return np.array(logits.cpu().numpy(), copy=True)
 
 
-def materialise(detections: list[PromptDetections]) -> list[PromptDetections]:
+def materialised(detections: list[PromptDetections]) -> list[PromptDetections]:
     """One image's detections with their deferred masks post-processed as the runtime does on the CPU.
 
     The deferred rows' instances go through one ``start_masks`` call, as the runtime's rows of one image
     do, with the runtime's torch threads: the same upsampling calls, so the same masks (byte for byte).
+    Detections without deferred masks are returned as they are.
     """
     parts = [found.deferred for found in detections if found.deferred is not None]
+    if not parts:
+        return detections
     first = parts[0]
     if any((part.threshold, part.delivery, part.threads) != (first.threshold, first.delivery, first.threads)
            for part in parts):
@@ -315,10 +318,3 @@ def materialise(detections: list[PromptDetections]) -> list[PromptDetections]:
         row = next(finished)
         done.append(replace(found, masks=row.masks, codes=row.codes, packed=row.packed, deferred=None))
     return done
-
-
-def materialised(detections: list[PromptDetections]) -> list[PromptDetections]:
-    """One image's detections, the deferred ones post-processed together, as the runtime would have."""
-    if all(found.deferred is None for found in detections):
-        return detections
-    return materialise(detections)
