@@ -28,6 +28,7 @@ from sam3_batch.worker.decode import RgbPixels, rgb_pixels
 from sam3_batch.worker.detections import MaskCodes, MaskDelivery, PromptDetections
 from sam3_batch.worker.device_post import materialised
 from sam3_batch.worker.encode import (
+    BoolMask,
     encode_masked_image,
     encode_overlay_image,
     encode_png_mask,
@@ -152,23 +153,38 @@ def _object_summaries(request: WriteRequest) -> list[ObjectSummary]:
     ]
 
 
-def _write_png_masks(request: WriteRequest, layout: OutputLayout, storage: Storage) -> int:
+@dataclass(frozen=True)
+class _FullMasks:
+    """Each prompt's and each object's (N, H, W) bool masks, unpacked once for the PNG and masked outputs."""
+
+    concepts: list[BoolMask]
+    objects: list[BoolMask]
+
+    @classmethod
+    def of(cls, request: WriteRequest) -> _FullMasks:
+        # Unpacked here, in the writer, from the bits the device packed (or decoded from the RLEs).
+        return cls([found.full_masks() for found in request.detections],
+                   [found.full_masks() for found in request.object_detections])
+
+
+def _write_png_masks(masks: _FullMasks, layout: OutputLayout, storage: Storage) -> int:
     written = 0
-    for prompt_index, found in enumerate(request.detections):
-        masks = found.full_masks()  # unpacked here, in the writer, from the bits the device packed
-        for instance_index in range(len(found)):
-            data = encode_png_mask(masks[instance_index])
+    for prompt_index, prompt_masks in enumerate(masks.concepts):
+        for instance_index, mask in enumerate(prompt_masks):
+            data = encode_png_mask(mask)
             storage.write_bytes(layout.mask_png_uri(prompt_index, instance_index), data, "image/png")
             written += len(data)
-    for object_index, found in enumerate(request.object_detections):
-        for mask in found.full_masks():  # one per object
+    for object_index, object_masks in enumerate(masks.objects):
+        for mask in object_masks:  # one per object
             data = encode_png_mask(mask)
             storage.write_bytes(layout.object_png_uri(object_index), data, "image/png")
             written += len(data)
     return written
 
 
-def _write_masked_image(request: WriteRequest, layout: OutputLayout, storage: Storage) -> tuple[str, int]:
+def _write_masked_image(
+    request: WriteRequest, masks: _FullMasks, layout: OutputLayout, storage: Storage,
+) -> tuple[str, int]:
     if request.rgb is None:
         raise ValueError("the masked image needs the image's pixels: build the WriteRequest with them")
     fmt = request.spec.outputs.output_format
@@ -176,11 +192,10 @@ def _write_masked_image(request: WriteRequest, layout: OutputLayout, storage: St
     image = Image.fromarray(request.rgb)
     if request.spec.outputs.masked_style == "overlay":
         # One colour per concept prompt, then one per object.
-        found_all = [*request.detections, *request.object_detections]
-        data = encode_overlay_image(image, [found.full_masks() for found in found_all], fmt)
+        data = encode_overlay_image(image, [*masks.concepts, *masks.objects], fmt)
     else:
         width, height = request.size_wh
-        all_masks = [found.full_masks() for found in [*request.detections, *request.object_detections] if len(found)]
+        all_masks = [found for found in [*masks.concepts, *masks.objects] if len(found)]
         stacked = np.concatenate(all_masks) if all_masks else np.zeros((0, height, width), dtype=bool)
         data = encode_masked_image(image, union_of(stacked), fmt)
     storage.write_bytes(uri, data, _CONTENT_TYPES[fmt])
@@ -225,10 +240,12 @@ def write_counted_outputs(request: WriteRequest, storage: Storage) -> WrittenOut
     """``write_image_outputs``, also counting the bytes written (the writer process returns the count)."""
     request = request.materialised()  # masks a CPU runtime left to the writer: post-processed here
     layout = OutputLayout(request.spec.output_root, request.item.out_key)
-    written = _write_png_masks(request, layout, storage) if request.spec.outputs.png_masks else 0
+    outputs = request.spec.outputs
+    masks = _FullMasks.of(request) if outputs.png_masks or outputs.masked_image else None
+    written = _write_png_masks(masks, layout, storage) if masks is not None and outputs.png_masks else 0
     masked_uri = None
-    if request.spec.outputs.masked_image:
-        masked_uri, masked_bytes = _write_masked_image(request, layout, storage)
+    if masks is not None and outputs.masked_image:
+        masked_uri, masked_bytes = _write_masked_image(request, masks, layout, storage)
         written += masked_bytes
     metadata = build_metadata(request, layout, masked_uri)
     if not request.spec.outputs.writes_per_image_json:
