@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from sam3_batch.contracts.chunk_ids import chunk_id_for
 from sam3_batch.contracts.jobstate import Checkpoint, JobStore, PlannedCounts
 from sam3_batch.contracts.report import finalize_if_complete
 from sam3_batch.contracts.schemas import JobSpec
@@ -16,7 +17,7 @@ from sam3_batch.producer import metrics
 from sam3_batch.producer.cancel_check import CancelCheck
 from sam3_batch.producer.dispatch import Dispatcher
 from sam3_batch.producer.done_index import DoneIndex, ShardIndex
-from sam3_batch.producer.planner import PlannedChunk, chunk_id_for, plan_chunks
+from sam3_batch.producer.planner import PlannedChunk, plan_chunks
 from sam3_batch.producer.sources import Source
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from sam3_batch.contracts.chunk_ids import chunk_id_for as chunk_id_for  # re-exported for the producer
+from sam3_batch.contracts.chunk_ids import chunk_id_for
 from sam3_batch.contracts.redact import display_uri, redact
 from sam3_batch.contracts.schemas import ChunkMessage, Failure, WorkItem
 from sam3_batch.producer.sources import SourceEntry, SourceItem, SourceProblem
