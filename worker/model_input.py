@@ -53,17 +53,19 @@ class DeviceNormalizer:
             if tuple(image.shape[-2:]) != self.side_hw:
                 raise ValueError(f"8-bit pixels must be at the model's input size {self.side_hw}, got "
                                  f"{tuple(image.shape[-2:])}")
-        batch = _stacked_on(list(pixels), device)
+        batch = stacked_on(list(pixels), device)
         # The processor's fused form: (x - mean / rescale) / (std / rescale), in float32, then the model's dtype.
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * (1.0 / self.rescale)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * (1.0 / self.rescale)
         return ((batch.float() - mean) / std).to(dtype)
 
 
-def _stacked_on(pixels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def stacked_on(pixels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Same-shape images as one batch on ``device``; to a GPU through pinned memory, one asynchronous copy."""
     if device.type != "cuda":
         return torch.stack(pixels).to(device)
-    # Stacked into page-locked memory (torch's host allocator caches it): then one asynchronous copy.
-    staged = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8, pin_memory=True)
+    # Stacked into page-locked memory (torch's host allocator caches it): the pixels arrive from loader
+    # processes in shared memory, not pinned.
+    staged = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype, pin_memory=True)
     torch.stack(pixels, out=staged)
     return staged.to(device, non_blocking=True)

@@ -21,7 +21,7 @@ from sam3_batch.contracts.schemas import Thresholds
 from sam3_batch.worker.compile_toolchain import require_compile_toolchain
 from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.device_post import UPSAMPLE_PIXEL_BUDGET, PendingDetections, defers_on
-from sam3_batch.worker.model_input import DeviceNormalizer, PixelHandOff, PreparedImage
+from sam3_batch.worker.model_input import DeviceNormalizer, PixelHandOff, PreparedImage, stacked_on
 from sam3_batch.worker.precision import Precision, keep_heads_in_float32, resolve_precision
 from sam3_batch.worker.sam3_adapter import (
     as_text_embeds,
@@ -429,14 +429,7 @@ class Sam3Runtime:
     def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
         if images[0].pixel_values.dtype == torch.uint8:  # the loaders left normalising to the device
             return self._normalizer([image.pixel_values for image in images], self.device, self.dtype)
-        pixels = [image.pixel_values.to(self.dtype) for image in images]
-        if self.device.type == "cuda":
-            # Stacked into page-locked memory (torch's host allocator caches it), then one asynchronous
-            # copy to the GPU: the pixels arrive from loader processes in shared memory, not pinned.
-            staged = torch.empty((len(pixels), *pixels[0].shape), dtype=self.dtype, pin_memory=True)
-            torch.stack(pixels, out=staged)
-            return staged.to(self.device, non_blocking=True)
-        return torch.stack(pixels).to(self.device)
+        return stacked_on([image.pixel_values.to(self.dtype) for image in images], self.device)
 
     def _text_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features and attention masks for each prompt (cached when seen before), stacked as rows."""
