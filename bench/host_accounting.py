@@ -23,11 +23,12 @@ from sam3_batch.worker.model_input import DeviceNormalizer, PreparedImage
 from sam3_batch.worker.runtime import Sam3Runtime
 from sam3_batch.worker.stage_pools import StagePool
 
-# Device-side steps of the post-processing, by module and name: memoised by their inputs' shape and content,
-# their first run's CPU counted as device work. Names that do not exist in this tree are skipped (the
-# device-side post-processing has moved between modules: sam3_adapter, then device_post).
+# Device-side steps, by module and name: memoised by their inputs, their runs' CPU counted as device work.
+# Names that do not exist in this tree are skipped (the device-side post-processing has moved between modules:
+# sam3_adapter, then device_post).
 DEVICE_SIDE_STEPS = (
     ("sam3_batch.worker.sam3_adapter", "_upsample_and_threshold"),
+    ("sam3_batch.worker.sam3_adapter", "gather_instances"),
     ("sam3_batch.worker.device_post", "mask_codes"),
     ("sam3_batch.worker.device_post", "pack_bits"),
     ("sam3_batch.worker.device_post", "sigmoid_then_upsample"),
@@ -41,6 +42,7 @@ GPU_PATH_SWITCHES = (
 )
 # Where the device's results are copied to the host: every tensor handed to it is counted as device->host bytes.
 DEVICE_TO_HOST_FETCHES = (("sam3_batch.worker.device_post", "_fetch"),)
+_SMALL = 4096  # elements: a tensor this small is keyed by its values
 P = ParamSpec("P")
 R = TypeVar("R")
 C = TypeVar("C")
@@ -53,6 +55,27 @@ class DeviceWork:
     cpu_s: float = 0.0
     fetched_bytes: int = 0  # device -> host, counted where the runtime fetches its results (if it has such a step)
     memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # keeps every result alive: addresses stay unique
+    # Storage addresses whose contents never change while they are alive: memoised results, and whatever
+    # ``constant`` says (the stand-in's outputs). A tensor in them is keyed by where it is, not by a pass over it.
+    stable: set[int] = field(default_factory=set)
+    constant: Callable[[torch.Tensor], bool] = lambda _tensor: False
+
+    def key(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        storage = value.untyped_storage().data_ptr()
+        if value.dtype == torch.bool or storage in self.stable or self.constant(value):
+            return ("at", storage, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+        if value.numel() <= _SMALL:
+            return ("values", tuple(value.shape), value.dtype, tuple(value.flatten().tolist()))
+        return ("sum", tuple(value.shape), value.dtype, float(value.float().sum()))
+
+    def remember(self, key: tuple[Any, ...], result: Any) -> Any:
+        self.memo[key] = result
+        for tensor in result if isinstance(result, tuple) else (result,):
+            if isinstance(tensor, torch.Tensor):
+                self.stable.add(tensor.untyped_storage().data_ptr())
+        return result
 
 
 def memoised_device_step(fn: Callable[..., Any], work: DeviceWork) -> Callable[..., Any]:
@@ -61,14 +84,12 @@ def memoised_device_step(fn: Callable[..., Any], work: DeviceWork) -> Callable[.
     The cached result itself is returned (steps only read their inputs), so a later step given it (RLE of
     the upsampled masks, say) recognises it by address instead of reading megabytes to make a key.
     """
-    def wrapped(tensor: torch.Tensor, *args: Any) -> Any:
+    def wrapped(*args: Any) -> Any:
         start = time.thread_time()  # the lookup too: it stands in for the kernel, which would run on the device
-        content = ("at", tensor.data_ptr()) if tensor.dtype == torch.bool else ("sum", float(tensor.float().sum()))
-        key = (fn.__name__, tuple(tensor.shape), content, *args)
-        if key not in work.memo:
-            work.memo[key] = fn(tensor, *args)
+        key = (fn.__name__, *(work.key(arg) for arg in args))
+        found = work.memo[key] if key in work.memo else work.remember(key, fn(*args))
         work.cpu_s += time.thread_time() - start
-        return work.memo[key]
+        return found
     return wrapped
 
 
@@ -94,8 +115,8 @@ def counted_fetch(fn: Callable[..., Any], work: DeviceWork) -> Callable[..., Any
 
 @contextmanager
 def device_side_accounted(work: DeviceWork) -> Iterator[None]:
-    """Make this CPU take a GPU's post-processing path, memoise its device-side steps, count the CPU of
-    normalising pixels "on the device" and the bytes fetched back to the host."""
+    """Make this CPU take a GPU's post-processing path, memoise its device-side steps (normalising pixels
+    included) and count their CPU as device work, and the bytes fetched back to the host."""
     patches: list[tuple[Any, str, Any, Any]] = [(module, name, memoised_device_step(fn, work), fn)
                for module, name, fn in _attributes(DEVICE_SIDE_STEPS)]
     patches += [(module, name, counted_fetch(fn, work), fn)
@@ -103,24 +124,26 @@ def device_side_accounted(work: DeviceWork) -> Iterator[None]:
     switches = {(m, n): v for m, n, v in GPU_PATH_SWITCHES}
     patches += [(module, name, switches[module.__name__, name], old)
                 for module, name, old in _attributes(tuple(switches))]
-    normalise = DeviceNormalizer.__call__
+    normalise = DeviceNormalizer.normalised
 
-    def counted_normalise(self: DeviceNormalizer, *args: Any) -> torch.Tensor:
+    def counted_normalise(self: DeviceNormalizer, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Normalising, run once per batch shape: the stand-in never reads the values of its pixels, and on this
+        CPU the "kernels" would cost about half its budget (stacking the batch stays the host's, and counted)."""
         start = time.thread_time()
-        try:
-            return normalise(self, *args)
-        finally:
-            work.cpu_s += time.thread_time() - start
+        key = ("normalised", self, tuple(batch.shape), batch.dtype, dtype)
+        found = work.memo[key] if key in work.memo else work.remember(key, normalise(self, batch, dtype))
+        work.cpu_s += time.thread_time() - start
+        return found
 
     for module, name, new, _old in patches:
         setattr(module, name, new)
-    DeviceNormalizer.__call__ = counted_normalise  # type: ignore[method-assign,assignment]
+    DeviceNormalizer.normalised = counted_normalise  # type: ignore[method-assign]
     try:
         yield
     finally:
         for module, name, _new, old in patches:
             setattr(module, name, old)
-        DeviceNormalizer.__call__ = normalise  # type: ignore[method-assign]
+        DeviceNormalizer.normalised = normalise  # type: ignore[method-assign]
 
 
 @dataclass

@@ -340,6 +340,7 @@ def measure_case(worker: Worker, store: RedisJobStore | None, uris: list[str], c
     if isinstance(model, StandInSam3):
         model.ms_per_image = case.ms_per_image
         model.device_clock = lambda: work.cpu_s
+        work.constant = model.owns
     run_job(worker, store, uris[: config.chunk_size], case, f"warm{index}", config, threshold)  # warm pools + memo
     held_before = model.counters.held_s if isinstance(model, StandInSam3) else 0.0
     own = os.getpid()

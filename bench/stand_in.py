@@ -86,6 +86,7 @@ class StandInSam3(torch.nn.Module):
         masks, boxes = blob_bank(queries, seed=seed)
         self.register_buffer("mask_bank", masks, persistent=False)
         self.register_buffer("box_bank", boxes, persistent=False)
+        self._masks_out = torch.empty(0)  # the bank repeated for the most rows asked for so far (see ``forward``)
         logits = torch.full((queries,), DROPPED_LOGIT)
         logits[:instances] = KEPT_LOGIT
         self.register_buffer("logit_row", logits, persistent=False)
@@ -103,6 +104,10 @@ class StandInSam3(torch.nn.Module):
         levels = tuple(torch.zeros(batch, _FEATURE, s, s, device=pixel_values.device) for s in (4, 2, 1))
         return Sam3VisionEncoderOutput(fpn_hidden_states=levels, fpn_position_encoding=levels)
 
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is one of the outputs this stand-in made once and never changes."""
+        return tensor.untyped_storage().data_ptr() == self._masks_out.untyped_storage().data_ptr()
+
     def get_text_features(self, input_ids: torch.Tensor, **_: Any) -> BaseModelOutputWithPooling:
         return BaseModelOutputWithPooling(pooler_output=torch.zeros(input_ids.shape[0], TEXT_TOKENS, _FEATURE,
                                                                     device=input_ids.device))
@@ -115,11 +120,14 @@ class StandInSam3(torch.nn.Module):
         mask_bank: torch.Tensor = self.mask_bank  # type: ignore[assignment]
         box_bank: torch.Tensor = self.box_bank  # type: ignore[assignment]
         logit_row: torch.Tensor = self.logit_row  # type: ignore[assignment]
-        # Views, not copies: every row shows the same blobs, which costs the post-processing the same.
+        if self._masks_out.shape[0] < rows:
+            # Contiguous, as SAM 3's are (an expanded view would make the runtime's gather copy every row), and
+            # made once: every row shows the same blobs, which costs the post-processing the same.
+            self._masks_out = mask_bank.expand(rows, -1, -1, -1).contiguous()
         return Sam3ImageSegmentationOutput(
             pred_logits=logit_row.expand(rows, -1),
             pred_boxes=box_bank.expand(rows, -1, -1),
-            pred_masks=mask_bank.expand(rows, -1, -1, -1),
+            pred_masks=self._masks_out[:rows],
             presence_logits=torch.full((rows, 1), PRESENCE_LOGIT, device=features.device),
         )
 

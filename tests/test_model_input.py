@@ -16,6 +16,7 @@ from sam3_batch.contracts.schemas import Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.worker.decode import decode_for_model, decode_image
 from sam3_batch.worker.io_stages import LoadedImage, LoaderSetup, load_image
+from sam3_batch.worker.model_input import PreparedImage
 from sam3_batch.worker.runtime import Sam3Runtime
 from tests.fixtures.model import SCENE_SIZES_HW, assert_same_detections, scene_image
 
@@ -113,6 +114,22 @@ def test_uint8_hand_off_is_normalised_on_the_device_to_exactly_the_processors_pi
         assert handed.original_size_hw == size_hw
         expected = normalized(image).pixel_values
         assert torch.equal(tiny_runtime._stack([handed])[0], expected)
+
+
+def test_8_bit_pixels_in_either_memory_layout_become_one_contiguous_batch_of_the_processors_pixels(
+    tiny_runtime: Sam3Runtime,
+) -> None:
+    normalized = replace(tiny_runtime.preparer, hand_off="normalized")
+    image = scene_image(SCENE_SIZES_HW[0], 0)
+    handed = tiny_runtime.preparer(image).pixel_values
+    assert handed.permute(1, 2, 0).is_contiguous()  # the resize leaves height x width x channel in memory
+    rows = [handed, handed.contiguous()]  # and a loader that handed over channel planes
+
+    batch = tiny_runtime._stack([PreparedImage(pixels, SCENE_SIZES_HW[0]) for pixels in rows])
+
+    assert batch.is_contiguous()
+    expected = normalized(image).pixel_values
+    assert torch.equal(batch[0], expected) and torch.equal(batch[1], expected)
 
 
 def test_segmenting_uint8_hand_offs_equals_segmenting_the_processors_pixels(tiny_runtime: Sam3Runtime) -> None:

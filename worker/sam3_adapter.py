@@ -80,7 +80,7 @@ def start_detections(
     kept = [keep_host[row].nonzero().squeeze(1) for row in range(rows)]  # host indices: no device sync
     # Every row's kept instances in one gather, row after row: (K, h, w).
     flat_index = torch.cat([row * logits.shape[1] + k for row, k in enumerate(kept)])
-    instance_logits = mask_logits.flatten(0, 1).index_select(0, flat_index.to(mask_logits.device))
+    instance_logits = gather_instances(mask_logits, flat_index.to(mask_logits.device))
     if defer:
         host_logits, first, threads = deferred_logits(instance_logits), 0, torch.get_num_threads()
         found: list[PromptDetections] = []
@@ -109,6 +109,11 @@ def start_detections(
         ]
 
     return PendingDetections(pending, assemble)
+
+
+def gather_instances(mask_logits: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """(R, Q, h, w) mask logits -> the (K, h, w) rows at ``flat_index`` (row * Q + query): one device gather."""
+    return mask_logits.flatten(0, 1).index_select(0, flat_index)
 
 
 def select_vision_rows(vision: Sam3VisionEncoderOutput, rows: torch.Tensor) -> Sam3VisionEncoderOutput:
