@@ -65,7 +65,7 @@ from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, OutputOptions, T
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import decode_image
-from sam3_batch.worker.io_stages import LoaderSetup, WriterSetup
+from sam3_batch.worker.io_stages import LoaderSetup, WriterSetup, pixel_slots_for
 from sam3_batch.worker.model_input import PixelHandOff
 from sam3_batch.worker.pipeline import ChunkContext, pending_writes_limit, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
@@ -284,7 +284,9 @@ def start_worker(config: Config, settings: Settings, runtime: Sam3Runtime, hand_
     runtime.preparer = replace(runtime.preparer, hand_off=hand_off)
     accounted = AccountedRuntime(runtime, work)
     preload = ["sam3_batch.worker.io_stages", "sam3_batch.worker.runtime"]
-    loaders: CountingPool[Any] = CountingPool("loader", LoaderSetup(settings, runtime.preparer, draft=draft),
+    slots = pixel_slots_for(settings, runtime.preparer, "processes")
+    loaders: CountingPool[Any] = CountingPool("loader", LoaderSetup(settings, runtime.preparer, draft=draft,
+                                                                    slots=slots),
                                               mode="processes", workers=config.io_workers, preload=preload)
     writers: CountingPool[Any] = CountingPool("writer", WriterSetup(settings), mode="processes",
                                               workers=config.io_workers, preload=preload)
@@ -444,7 +446,7 @@ def report(results: list[CaseFigures], config: Config, threshold: float) -> str:
 
     row("**host CPU ms/image** (loaders + writers + worker host part + forkserver)", lambda r: f"**{r.host_ms:.1f}**")
     row("loader processes", lambda r: f"{r.cpu_ms['loaders']:.1f}")
-    for step in ("download", "decode", "preprocess"):
+    for step in ("download", "decode", "preprocess", "hand-off"):
         row(f"- {step} (step's own CPU)", lambda r, s=step: f"{r.step_ms.get(s, 0.0):.1f}")  # type: ignore[misc]
     row("writer processes", lambda r: f"{r.cpu_ms['writers']:.1f}")
     row("- encode + upload (step's own CPU)", lambda r: f"{r.step_ms.get('encode + upload', 0.0):.1f}")

@@ -23,6 +23,7 @@ from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.decode import RgbPixels, decode_for_model, decode_image, limit_pillow_pixels, rgb_pixels
 from sam3_batch.worker.model_input import PreparedImage, Preparer
+from sam3_batch.worker.pixel_slots import PixelSlots
 from sam3_batch.worker.writer import WriteRequest, write_counted_outputs
 
 
@@ -36,6 +37,7 @@ class Loader:
     # A JPEG is decoded at a reduced scale no smaller than this (the model's input) unless its full
     # pixels are wanted; None: always at full scale.
     draft_wh: tuple[int, int] | None = None
+    slots: PixelSlots | None = None  # where 8-bit pixels for the model are handed over, in a loader process
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class LoaderSetup:
     preparer: Preparer
     # JPEG draft decoding: 4000x3000 photos decode ~25% cheaper and hand over 4x fewer pixels (bench/RESULTS.md).
     draft: bool = True
+    slots: PixelSlots | None = None  # made by the worker for loader processes (``pixel_slots_for``)
 
     def __call__(self, own_process: bool) -> Loader:
         if own_process:
@@ -53,7 +56,17 @@ class LoaderSetup:
             limit_pillow_pixels(self.settings.max_image_pixels)
         # Only a preparer that names its input size can be given reduced pixels (a bench stand-in may not).
         draft_wh = getattr(self.preparer, "input_size_wh", None) if self.draft else None
-        return Loader(Storage(self.settings), self.preparer, self.settings.max_image_pixels, draft_wh)
+        return Loader(Storage(self.settings), self.preparer, self.settings.max_image_pixels, draft_wh,
+                      self.slots if own_process else None)
+
+
+def pixel_slots_for(settings: Settings, preparer: Preparer, mode: str) -> PixelSlots | None:
+    """Slots for loader processes that hand over 8-bit pixels at a known input size; None otherwise."""
+    input_wh = getattr(preparer, "input_size_wh", None)
+    if mode != "processes" or settings.pixel_slots == 0 or getattr(preparer, "hand_off", None) != "uint8" \
+            or input_wh is None:
+        return None
+    return PixelSlots.create(settings.pixel_slots, 3 * input_wh[0] * input_wh[1])
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,10 @@ def load_image(loader: Loader, item: WorkItem, keep_pixels: bool, done_check: Do
         prepared = loader.preparer(image)
         if image.size != size_wh:  # decoded at a reduced scale: masks are still made at the full size
             prepared = replace(prepared, original_size_hw=(size_wh[1], size_wh[0]))
-        _timed(timings, cpu, "preprocess", start, cpu_start)
+        start, cpu_start = _timed(timings, cpu, "preprocess", start, cpu_start)
+        if loader.slots is not None:
+            prepared = replace(prepared, pixel_values=loader.slots.hold(prepared.pixel_values))
+            _timed(timings, cpu, "hand-off", start, cpu_start)
     except Exception as exc:
         return StageFailure.of(exc)
     return LoadedImage(

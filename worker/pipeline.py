@@ -35,6 +35,7 @@ from sam3_batch.worker.io_stages import (
     WriterSetup,
     WrittenImage,
     load_image,
+    pixel_slots_for,
     write_image,
 )
 from sam3_batch.worker.model_input import PreparedImage, Preparer
@@ -91,9 +92,10 @@ class ChunkContext:
         # The stage processes import the steps and the preparer's module once, in the forkserver.
         preload = [name for name in ("sam3_batch.worker.io_stages", getattr(preparer, "__module__", None)) if name]
         mode, workers = settings.io_mode, settings.io_workers
+        loader_setup = LoaderSetup(settings, preparer, slots=pixel_slots_for(settings, preparer, mode))
         return cls(
             runtime=runtime, storage=storage, settings=settings,
-            loaders=StagePool("loader", LoaderSetup(settings, preparer), mode=mode, workers=workers, preload=preload),
+            loaders=StagePool("loader", loader_setup, mode=mode, workers=workers, preload=preload),
             writers=StagePool("writer", WriterSetup(settings), mode=mode, workers=workers, preload=preload),
             write_slots=threading.Semaphore(pending_writes_limit(settings)),
         )

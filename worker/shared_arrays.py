@@ -5,7 +5,8 @@ pickler (the one ``ProcessPoolExecutor`` sends arguments and results with) to ha
 ``SHARED_MIN_BYTES`` over as a torch tensor: torch moves its storage into shared memory and passes a file
 descriptor, and the receiver gets a numpy view of that memory. Small arrays, and arrays torch cannot wrap
 (read-only, non-native dtypes, negative strides), are pickled as usual. Torch tensors (the model's prepared
-pixels) take torch's own shared-memory path, which importing ``torch.multiprocessing`` installs.
+pixels) that lie in a pixel slot cross as the slot's number (``worker.pixel_slots``); others take torch's own
+shared-memory path, which importing ``torch.multiprocessing`` installs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.multiprocessing  # registers torch's shared-memory reductions for tensors
+from torch.multiprocessing.reductions import reduce_tensor
+
+from sam3_batch.worker.pixel_slots import reduce_slot_tensor
 
 # Below this, a pipe copy costs less than a shared-memory segment (a file descriptor and a mapping).
 SHARED_MIN_BYTES = 64 * 1024
@@ -26,6 +30,7 @@ SHARED_MIN_BYTES = 64 * 1024
 def install() -> None:
     """Send big arrays through shared memory from this process on (both sides of a pool call this)."""
     ForkingPickler.register(np.ndarray, _reduce_array)
+    ForkingPickler.register(torch.Tensor, _reduce_tensor)
     _allow_many_descriptors()
 
 
@@ -37,6 +42,10 @@ def _reduce_array(array: npt.NDArray[Any]) -> str | tuple[Any, ...]:
     except (TypeError, ValueError):  # a dtype torch has no tensor for, or negative strides
         return array.__reduce__()
     return (_array_of, (tensor,))
+
+
+def _reduce_tensor(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return reduce_slot_tensor(tensor) or reduce_tensor(tensor)  # type: ignore[no-untyped-call]
 
 
 def _array_of(tensor: torch.Tensor) -> npt.NDArray[Any]:

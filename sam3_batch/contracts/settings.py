@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # processes by default (no GIL shared with the model), or threads of the worker process.
     io_mode: Literal["processes", "threads"] = "processes"
     io_workers: int = Field(4, ge=1)
+    # Shared-memory slots (one model input each, ~3 MB at 1008 px) that loader processes copy 8-bit pixels
+    # into for the model; images beyond them cross the slower way. 0: none (worker.pixel_slots).
+    pixel_slots: int = Field(64, ge=0)
 
     # Operations
     metrics_port: int | None = None  # also serves /healthz and /readyz
