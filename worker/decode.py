@@ -1,13 +1,21 @@
-"""Downloaded bytes -> an upright 8-bit RGB image for the model, or BadImageError with a readable reason."""
+"""Downloaded bytes -> an upright 8-bit RGB image for the model, or BadImageError with a readable reason.
+
+Pillow parses every header (format, size, pixel limit, EXIF orientation) and decodes; only
+``decode_for_model`` may instead hand a plain RGB or grayscale JPEG at full scale to torchvision's decoder,
+which returns the same pixels as a tensor (see ``decode_for_model``).
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from sam3_batch.contracts.errors import BadImageError
 
@@ -34,6 +42,22 @@ _ORIENTATION_TRANSPOSE = {
 
 # The orientations whose transpose swaps width and height.
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+# The same transposes on an (H, W, 3) tensor (dims 0 and 1: rows, columns). Pixel for pixel what Pillow's do.
+_TENSOR_TRANSPOSE: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    2: lambda hwc: hwc.flip(1),
+    3: lambda hwc: hwc.flip(0, 1),
+    4: lambda hwc: hwc.flip(0),
+    5: lambda hwc: hwc.transpose(0, 1),
+    6: lambda hwc: hwc.transpose(0, 1).flip(1),
+    7: lambda hwc: hwc.transpose(0, 1).flip(0, 1),
+    8: lambda hwc: hwc.transpose(0, 1).flip(0),
+}
+
+# JPEG modes (as Pillow opens them) whose RGB pixels torchvision's decoder gives exactly as Pillow's decode and
+# convert("RGB") do: both are libjpeg-turbo doing the colour conversion (tests/test_jpeg_decoder.py checks it
+# for each subsampling, progressive, restart markers, odd sizes, ICC). CMYK/YCCK are left to Pillow.
+_TENSOR_MODES = frozenset({"RGB", "L"})
 
 # Only used to word the reason when Pillow cannot parse a header that claims to be one of our formats.
 _SIGNATURES = {
@@ -77,28 +101,49 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
 class ModelImage:
     """A decoded image for the model alone: pixels possibly reduced, and the upright full size masks must have."""
 
-    image: Image.Image  # upright RGB; a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (never below at_least_wh)
+    # Upright RGB; a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (never below at_least_wh). A PIL image, or
+    # (``decode_for_model(..., as_tensor=True)``) a uint8 (3, H, W) tensor laid out H x W x 3 in memory.
+    image: Image.Image | torch.Tensor
     size_wh: tuple[int, int]  # the upright image's full size, from the header
 
+    @property
+    def decoded_wh(self) -> tuple[int, int]:
+        """The size of ``image``: ``size_wh`` unless decoded at a reduced scale."""
+        if isinstance(self.image, Image.Image):
+            return self.image.size
+        return int(self.image.shape[2]), int(self.image.shape[1])
 
-def decode_for_model(data: bytes, *, max_pixels: int, at_least_wh: tuple[int, int]) -> ModelImage:
+
+def decode_for_model(
+    data: bytes, *, max_pixels: int, at_least_wh: tuple[int, int], as_tensor: bool = False
+) -> ModelImage:
     """``decode_image``, but a JPEG larger than ``at_least_wh`` is decoded at a reduced scale (Pillow's draft).
 
     The decoder then skips most of the inverse DCT work: a 4000x3000 photo for a 1008x1008 model input
     is decoded at 2000x1500. Only for the model's input: outputs that need the full-resolution pixels
     (the masked image) use ``decode_image``. Masks are still made at ``size_wh``, the full size.
+
+    ``as_tensor``: an RGB or grayscale JPEG that draft cannot reduce is decoded by torchvision instead, into
+    the (3, H, W) uint8 tensor a resize wants, without Pillow's image or a copy of it: the same pixels for
+    less CPU. Pillow still reads the header, the pixel limit and the orientation first; whatever
+    torchvision cannot decode (corrupt, truncated) is decoded by Pillow again, which words the reason.
     """
     if not data:
         raise BadImageError("empty file (0 bytes)")
     image = _open(data)
     _check_pixel_count(image.size, max_pixels)
-    turned = _orientation(image) in _QUARTER_TURNS
+    orientation = _orientation(image)
+    turned = orientation in _QUARTER_TURNS
     stored_wh = image.size
+    full_wh = (stored_wh[1], stored_wh[0]) if turned else stored_wh
     if image.format == "JPEG":
         # The draft size is in the stored orientation: the image is turned upright only after decoding.
         image.draft(None, at_least_wh[::-1] if turned else at_least_wh)
+        if as_tensor and image.size == stored_wh and image.mode in _TENSOR_MODES:
+            pixels = _torchvision_rgb(data, stored_wh, orientation)
+            if pixels is not None:
+                return ModelImage(pixels, full_wh)
     _load(image)
-    full_wh = (stored_wh[1], stored_wh[0]) if turned else stored_wh
     return ModelImage(_to_rgb(_upright(image)), full_wh)
 
 
@@ -127,6 +172,25 @@ def _open(data: bytes) -> Image.Image:
     except Exception as exc:  # header parsers raise many types on hostile input
         claimed = _claimed_format(data) or "image"
         raise BadImageError(f"corrupt or truncated {claimed} header: {_describe(exc)}") from exc
+
+
+def _torchvision_rgb(data: bytes, stored_wh: tuple[int, int], orientation: int) -> torch.Tensor | None:
+    """A JPEG's upright RGB pixels from torchvision's decoder; None where it fails (Pillow then decides)."""
+    try:
+        # A bytearray: torch warns on a buffer it may not write to. The copy is ~1% of the decode.
+        pixels: torch.Tensor = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except MemoryError:
+        raise
+    except Exception:  # e.g. truncated data (Pillow's load raises there too): Pillow decodes it again
+        return None
+    if tuple(pixels.shape) != (3, stored_wh[1], stored_wh[0]):  # not the image Pillow's header describes
+        return None
+    # Turned with Pillow's reading of the orientation (unreadable EXIF: upright), not torchvision's own.
+    turn = _TENSOR_TRANSPOSE.get(orientation)
+    if turn is None:
+        return pixels  # (3, H, W) over H x W x 3 memory: the layout torchvision's uint8 resize is fastest on
+    upright: torch.Tensor = turn(pixels.permute(1, 2, 0)).contiguous()
+    return upright.permute(2, 0, 1)
 
 
 def _unidentified_reason(data: bytes) -> str:

@@ -11,7 +11,9 @@ and whether trying again later may help, decided where the original exception st
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import torch
 from PIL import Image
@@ -21,7 +23,14 @@ from sam3_batch.contracts.layout import OutputLayout
 from sam3_batch.contracts.schemas import ImageMetadata, ObjectPrompt, PromptSpec, WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
-from sam3_batch.worker.decode import RgbPixels, decode_for_model, decode_image, limit_pillow_pixels, rgb_pixels
+from sam3_batch.worker.decode import (
+    ModelImage,
+    RgbPixels,
+    decode_for_model,
+    decode_image,
+    limit_pillow_pixels,
+    rgb_pixels,
+)
 from sam3_batch.worker.model_input import PreparedImage, Preparer
 from sam3_batch.worker.pixel_slots import PixelSlots
 from sam3_batch.worker.writer import WriteRequest, write_counted_outputs
@@ -38,6 +47,9 @@ class Loader:
     # pixels are wanted; None: always at full scale.
     draft_wh: tuple[int, int] | None = None
     slots: PixelSlots | None = None  # where 8-bit pixels for the model are handed over, in a loader process
+    # The preparer takes a uint8 (3, H, W) tensor too: a JPEG draft cannot reduce then goes to torchvision's
+    # decoder, straight into the tensor the resize wants (``decode_for_model``'s as_tensor).
+    tensor_pixels: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,9 @@ class LoaderSetup:
             limit_pillow_pixels(self.settings.max_image_pixels)
         # Only a preparer that names its input size can be given reduced pixels (a bench stand-in may not).
         draft_wh = getattr(self.preparer, "input_size_wh", None) if self.draft else None
+        tensor_pixels = draft_wh is not None and bool(getattr(self.preparer, "takes_tensors", False))
         return Loader(Storage(self.settings), self.preparer, self.settings.max_image_pixels, draft_wh,
-                      self.slots if own_process else None)
+                      self.slots if own_process else None, tensor_pixels)
 
 
 def pixel_slots_for(settings: Settings, preparer: Preparer, mode: str) -> PixelSlots | None:
@@ -150,10 +163,11 @@ def load_image(loader: Loader, item: WorkItem, keep_pixels: bool, done_check: Do
         start, cpu_start = time.perf_counter(), time.thread_time()
         data = loader.storage.read_bytes(item.uri)
         start, cpu_start = _timed(timings, cpu, "download", start, cpu_start)
-        image, size_wh = _decoded(loader, data, keep_pixels)
+        decoded = _decoded(loader, data, keep_pixels)
         start, cpu_start = _timed(timings, cpu, "decode", start, cpu_start)
-        prepared = loader.preparer(image)
-        if image.size != size_wh:  # decoded at a reduced scale: masks are still made at the full size
+        prepared = _prepared(loader.preparer, decoded.image)
+        size_wh = decoded.size_wh
+        if decoded.decoded_wh != size_wh:  # decoded at a reduced scale: masks are still made at the full size
             prepared = replace(prepared, original_size_hw=(size_wh[1], size_wh[0]))
         start, cpu_start = _timed(timings, cpu, "preprocess", start, cpu_start)
         if loader.slots is not None:
@@ -161,19 +175,27 @@ def load_image(loader: Loader, item: WorkItem, keep_pixels: bool, done_check: Do
             _timed(timings, cpu, "hand-off", start, cpu_start)
     except Exception as exc:
         return StageFailure.of(exc)
+    kept = decoded.image if keep_pixels and isinstance(decoded.image, Image.Image) else None  # decode_image's
     return LoadedImage(
         item=item, prepared=prepared, size_wh=size_wh,
-        rgb=rgb_pixels(image) if keep_pixels else None, timings_ms=timings, bytes_read=len(data), cpu_ms=cpu,
+        rgb=None if kept is None else rgb_pixels(kept), timings_ms=timings, bytes_read=len(data), cpu_ms=cpu,
     )
 
 
-def _decoded(loader: Loader, data: bytes, keep_pixels: bool) -> tuple[Image.Image, tuple[int, int]]:
+def _decoded(loader: Loader, data: bytes, keep_pixels: bool) -> ModelImage:
     """The decoded image and its full upright size; reduced (JPEG draft) when its full pixels are not kept."""
     if keep_pixels or loader.draft_wh is None:
         image = decode_image(data, max_pixels=loader.max_pixels)
-        return image, image.size
-    decoded = decode_for_model(data, max_pixels=loader.max_pixels, at_least_wh=loader.draft_wh)
-    return decoded.image, decoded.size_wh
+        return ModelImage(image, image.size)
+    return decode_for_model(data, max_pixels=loader.max_pixels, at_least_wh=loader.draft_wh,
+                            as_tensor=loader.tensor_pixels)
+
+
+def _prepared(preparer: Preparer, image: Image.Image | torch.Tensor) -> PreparedImage:
+    if isinstance(image, Image.Image):
+        return preparer(image)
+    # A tensor only reaches a preparer that says it takes one (Loader.tensor_pixels).
+    return cast(Callable[[torch.Tensor], PreparedImage], preparer)(image)
 
 
 def write_image(storage: Storage, request: WriteRequest) -> WriteResult:

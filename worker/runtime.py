@@ -71,16 +71,27 @@ class ImagePreparer:
         size: Any = self.image_processor.size
         return int(size["width"]), int(size["height"])
 
-    def __call__(self, image: PIL.Image.Image) -> PreparedImage:
-        size_hw = (image.height, image.width)
+    @property
+    def takes_tensors(self) -> bool:
+        """Whether it takes the image as a uint8 (3, H, W) tensor too (``decode_for_model(..., as_tensor=True)``)."""
+        return self.hand_off == "uint8"
+
+    def __call__(self, image: PIL.Image.Image | torch.Tensor) -> PreparedImage:
+        if isinstance(image, torch.Tensor):  # uint8 (3, H, W), best laid out H x W x 3 in memory
+            size_hw = (int(image.shape[1]), int(image.shape[2]))
+        else:
+            size_hw = (image.height, image.width)
         if self.hand_off == "uint8":
             # The processor's own resize (torchvision, bilinear, antialiased, on uint8), without the processor's
             # per-call overhead; normalising is left to the device: the same pixels for a quarter of the host
             # CPU and bytes (bench/RESULTS.md, "Host budget").
             side_w, side_h = self.input_size_wh
-            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+            pixels = image if isinstance(image, torch.Tensor) else (
+                torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
             return PreparedImage(tv_functional.resize(pixels, [side_h, side_w], interpolation=_BILINEAR,
                                                       antialias=True), size_hw)
+        if isinstance(image, torch.Tensor):  # the processor is given what it is given everywhere else
+            image = PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
         encoded = self.image_processor(images=image, return_tensors="pt")
         return PreparedImage(encoded["pixel_values"][0].to(self.dtype), size_hw)
 
