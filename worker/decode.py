@@ -43,15 +43,12 @@ _ORIENTATION_TRANSPOSE = {
 # The orientations whose transpose swaps width and height.
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 
-# The same transposes on an (H, W, 3) tensor (dims 0 and 1: rows, columns). Pixel for pixel what Pillow's do.
-_TENSOR_TRANSPOSE: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+# The flips among them on an (H, W, 3) tensor (dims 0 and 1: rows, columns), pixel for pixel Pillow's. The quarter
+# turns are left to Pillow: a transposing copy of 3-byte pixels costs torch about what it saves (measured).
+_TENSOR_FLIPS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     2: lambda hwc: hwc.flip(1),
     3: lambda hwc: hwc.flip(0, 1),
     4: lambda hwc: hwc.flip(0),
-    5: lambda hwc: hwc.transpose(0, 1),
-    6: lambda hwc: hwc.transpose(0, 1).flip(1),
-    7: lambda hwc: hwc.transpose(0, 1).flip(0, 1),
-    8: lambda hwc: hwc.transpose(0, 1).flip(0),
 }
 
 # JPEG modes (as Pillow opens them) whose RGB pixels torchvision's decoder gives exactly as Pillow's decode and
@@ -123,10 +120,12 @@ def decode_for_model(
     is decoded at 2000x1500. Only for the model's input: outputs that need the full-resolution pixels
     (the masked image) use ``decode_image``. Masks are still made at ``size_wh``, the full size.
 
-    ``as_tensor``: an RGB or grayscale JPEG that draft cannot reduce is decoded by torchvision instead, into
-    the (3, H, W) uint8 tensor a resize wants, without Pillow's image or a copy of it: the same pixels for
-    less CPU. Pillow still reads the header, the pixel limit and the orientation first; whatever
-    torchvision cannot decode (corrupt, truncated) is decoded by Pillow again, which words the reason.
+    ``as_tensor``: an RGB or grayscale JPEG that draft cannot reduce (and not stored a quarter turn from
+    upright) is decoded by torchvision instead, into the (3, H, W) uint8 tensor a resize wants, without
+    Pillow's image or a copy of it: the same pixels (both are libjpeg-turbo) for less CPU. Pillow still
+    reads the header, the pixel limit and the orientation first; whatever torchvision cannot decode
+    (truncated, broken) is decoded by Pillow again, which words the reason. Unlike Pillow, torchvision's
+    libjpeg prints its first warning about damaged data it still decodes (one line on stderr).
     """
     if not data:
         raise BadImageError("empty file (0 bytes)")
@@ -139,7 +138,7 @@ def decode_for_model(
     if image.format == "JPEG":
         # The draft size is in the stored orientation: the image is turned upright only after decoding.
         image.draft(None, at_least_wh[::-1] if turned else at_least_wh)
-        if as_tensor and image.size == stored_wh and image.mode in _TENSOR_MODES:
+        if as_tensor and image.size == stored_wh and image.mode in _TENSOR_MODES and not turned:
             pixels = _torchvision_rgb(data, stored_wh, orientation)
             if pixels is not None:
                 return ModelImage(pixels, full_wh)
@@ -185,11 +184,11 @@ def _torchvision_rgb(data: bytes, stored_wh: tuple[int, int], orientation: int) 
         return None
     if tuple(pixels.shape) != (3, stored_wh[1], stored_wh[0]):  # not the image Pillow's header describes
         return None
-    # Turned with Pillow's reading of the orientation (unreadable EXIF: upright), not torchvision's own.
-    turn = _TENSOR_TRANSPOSE.get(orientation)
-    if turn is None:
+    # Flipped by Pillow's reading of the orientation (unreadable EXIF: as stored), not torchvision's own.
+    flip = _TENSOR_FLIPS.get(orientation)
+    if flip is None:
         return pixels  # (3, H, W) over H x W x 3 memory: the layout torchvision's uint8 resize is fastest on
-    upright: torch.Tensor = turn(pixels.permute(1, 2, 0)).contiguous()
+    upright: torch.Tensor = flip(pixels.permute(1, 2, 0)).contiguous()  # a flip copies: already contiguous
     return upright.permute(2, 0, 1)
 
 
