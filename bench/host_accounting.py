@@ -171,22 +171,35 @@ class AccountedRuntime:
     def segment(self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
                 *more: Any) -> list[list[PromptDetections]]:
         """``Sam3Runtime.segment``, counted; ``more``: whatever else the pipeline passes (the mask delivery)."""
+        return self.start_segment(images, prompts, thresholds, *more)()
+
+    def start_segment(self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
+                      *more: Any) -> Callable[[], list[list[PromptDetections]]]:
+        """``Sam3Runtime.start_segment``, counted: the model stage's wall is the model's part (the pipeline
+        holds the model's turn for it); its CPU, the model's part and the host's part after it."""
         start, cpu_start, fetched = time.perf_counter(), time.thread_time(), self.work.fetched_bytes
-        found = self.runtime.segment(images, prompts, thresholds, *more)
+        finish = self.runtime.start_segment(images, prompts, thresholds, *more)
+        fetched = self.work.fetched_bytes - fetched  # the fetch is in the model's part: no other batch's in it
         counters = self.counters
         counters.wall_s += time.perf_counter() - start
         counters.thread_cpu_s += time.thread_time() - cpu_start
         counters.calls += 1
         counters.images += len(images)
         counters.host_to_device_bytes += sum(image.pixel_values.nbytes for image in images)
-        small = 0  # scores, boxes and masks as the host holds them: the figure where the runtime has no fetch step
-        for per_image in found:
-            for d in per_image:
-                small += _host_bytes(d)
-                counters.instances += len(d)
-        fetched = self.work.fetched_bytes - fetched
-        counters.device_to_host_bytes += fetched if fetched else small
-        return found
+
+        def finished() -> list[list[PromptDetections]]:
+            cpu_start = time.thread_time()
+            found = finish()
+            counters.thread_cpu_s += time.thread_time() - cpu_start
+            small = 0  # scores, boxes and masks as the host holds them: where the runtime has no fetch step
+            for per_image in found:
+                for d in per_image:
+                    small += _host_bytes(d)
+                    counters.instances += len(d)
+            counters.device_to_host_bytes += fetched or small
+            return found
+
+        return finished
 
 
 def _host_bytes(found: PromptDetections) -> int:

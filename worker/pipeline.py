@@ -53,7 +53,11 @@ T = TypeVar("T")
 
 
 class SegmentationRuntime(Protocol):
-    """What the pipeline needs of a resident model (worker.runtime.Sam3Runtime, or a bench stand-in)."""
+    """What the pipeline needs of a resident model (worker.runtime.Sam3Runtime, or a bench stand-in).
+
+    Optional: ``start_segment`` (``segment`` in two, so the model is free while results are assembled) and
+    ``segment_visual`` (exemplar boxes, objects).
+    """
 
     model_id: str
     revision: str | None
@@ -265,11 +269,18 @@ class _ChunkRun:
             self.start_write(entry, detections, objects)
 
     def _segment(self, batch: list[LoadedImage]) -> tuple[Segmented, float]:
-        """The model's detections and the seconds it took: timed once this chunk has the model's turn."""
+        """The model's detections and the seconds they took: timed once this chunk has the model's turn.
+
+        The turn is held for the model's part only: the next batch (another chunk's) has the model while this
+        one's results are assembled on the host.
+        """
         with self.ctx.model_turn:
             start = time.perf_counter()
-            found = _segment_by_prompt_kind(self.ctx.runtime, batch, self.spec)
-            return found, time.perf_counter() - start
+            finish = _start_by_prompt_kind(self.ctx.runtime, batch, self.spec)
+            on_model = time.perf_counter() - start
+        start = time.perf_counter()
+        found = finish()
+        return found, on_model + time.perf_counter() - start
 
     def run_single(self, entry: LoadedImage) -> None:
         try:
@@ -335,20 +346,32 @@ def _with_fitted_prompts(loaded: LoadedImage) -> LoadedImage:
 Segmented = list[tuple[list[PromptDetections], list[PromptDetections]]]  # per image: concepts, objects
 
 
-def _segment_by_prompt_kind(runtime: SegmentationRuntime, batch: list[LoadedImage], spec: JobSpec) -> Segmented:
-    """Text prompts alone go through ``segment``; a batch with visual prompts through ``segment_visual``."""
+def _start_by_prompt_kind(
+    runtime: SegmentationRuntime, batch: list[LoadedImage], spec: JobSpec
+) -> Callable[[], Segmented]:
+    """The model's part of a batch now; what returns its detections once they are on the host.
+
+    Text prompts alone go through ``start_segment`` (or ``segment``, for a runtime without it); a batch with
+    visual prompts through ``segment_visual``.
+    """
     thresholds, masks = spec.thresholds, masks_for_writer(spec)
     if not any(has_visual_prompts(b.prompts, b.objects) for b in batch):
         texts = [[p for p in b.prompts if isinstance(p, str)] for b in batch]
+        start = getattr(runtime, "start_segment", None)
         with defer_to_writer():  # every detection goes to a writer, which materialises deferred masks
-            found = runtime.segment([b.prepared for b in batch], texts, thresholds, masks)
-        return [(detections, []) for detections in found]
+            if callable(start):
+                finish: Callable[[], list[list[PromptDetections]]] = start(
+                    [b.prepared for b in batch], texts, thresholds, masks)
+            else:
+                found = runtime.segment([b.prepared for b in batch], texts, thresholds, masks)
+                finish = lambda: found  # noqa: E731
+        return lambda: [(detections, []) for detections in finish()]
     segment_visual = getattr(runtime, "segment_visual", None)
     if not callable(segment_visual):
         raise ItemError("this runtime does not support visual prompts (exemplar boxes, objects)")
     requests = [VisualRequest(b.prompts, b.objects) for b in batch]
     results: list[VisualResult] = segment_visual([b.prepared for b in batch], requests, thresholds, masks)
-    return [(result.concepts, result.objects) for result in results]
+    return lambda: [(result.concepts, result.objects) for result in results]
 
 
 def process_chunk(

@@ -260,15 +260,24 @@ class Sam3Runtime:
 
         ``masks`` says what of the full-size masks crosses to the host; RLE, area and bbox always do.
         """
+        return self.start_segment(images, prompts, thresholds, masks)()
+
+    def start_segment(
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
+        masks: MaskDelivery = "full",
+    ) -> Callable[[], list[list[PromptDetections]]]:
+        """``segment`` in two: the model's part now, under the model lock; the host's part (waiting for the
+        results to land, assembling them) when the returned function is called, by whoever wants them while
+        the model runs the next batch."""
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompt lists")
         if not images:
-            return []
+            return list
         with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
             finishers = self._split_on_oom(images, prompts, lambda part, asked: self._segment_batch(
                 part, asked, thresholds, masks))
         # The model is free for the next batch while this one's results land on the host and are assembled.
-        return [found for finish in finishers for found in finish()]
+        return lambda: [found for finish in finishers for found in finish()]
 
     def warm_up(self, batch_size: int) -> list[int]:
         """Run every batch size torch.compile must see (blank images), so no chunk waits for a compilation.
