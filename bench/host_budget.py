@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -83,6 +83,7 @@ class Case:
     size_wh: tuple[int, int]
     ms_per_image: float
     png_masks: bool = False
+    layout: Literal["image", "chunk"] = "image"  # chunk: a Parquet shard per chunk, no per-image JSON (at scale)
     hand_off: PixelHandOff = "uint8"
     draft: bool = True
 
@@ -93,6 +94,7 @@ class Case:
     @property
     def label(self) -> str:
         outputs = "RLE + PNG masks" if self.png_masks else "RLE"
+        outputs += ", chunk layout" if self.layout == "chunk" else ""
         draft = "draft" if self.draft else "full decode"
         speed = f"{self.ms_per_image:g} ms/image" if self.ms_per_image else "the model"
         return f"{self.kind.upper()} {self.size_wh[0]}x{self.size_wh[1]}, {outputs}, {speed}, {self.hand_off}, {draft}"
@@ -158,7 +160,7 @@ def _arguments(argv: list[str] | None) -> Config:
     else:
         cases = (
             Case("jpeg", size, 30.0), Case("jpeg", size, 10.0), Case("jpeg", large, 30.0), Case("png", size, 30.0),
-            Case("jpeg", size, 30.0, png_masks=True),
+            Case("jpeg", size, 30.0, png_masks=True), Case("jpeg", size, 30.0, layout="chunk"),
             # The variants the defaults were chosen against (bench/RESULTS.md, "Host budget").
             Case("jpeg", size, 30.0, hand_off="normalized", draft=False),
             Case("jpeg", large, 30.0, hand_off="normalized", draft=False),
@@ -312,7 +314,7 @@ def run_job(worker: Worker, store: RedisJobStore | None, uris: list[str], case: 
     """The job's chunks through ``process_chunk`` two at a time, each recorded in Redis as the task does."""
     root = f"file://{config.work_dir / 'out'}" if store is None else f"s3://{BUCKET}/out"
     spec = JobSpec(job_id=job_id, prompts=PROMPTS, thresholds=Thresholds(score=threshold, mask=0.5),
-                   outputs=OutputOptions(png_masks=case.png_masks), output_root=f"{root}/{job_id}/",
+                   outputs=OutputOptions(png_masks=case.png_masks, layout=case.layout), output_root=f"{root}/{job_id}/",
                    model_id=worker.runtime.model_id)
     if store is not None:
         store.create(spec)
