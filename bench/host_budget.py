@@ -128,14 +128,14 @@ class Config:
 def _arguments(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1500x1000 JPEGs only, few images (for the test)")
-    parser.add_argument("--images", type=int, default=None, help="images per case (default 64, quick 12)")
+    parser.add_argument("--images", type=int, default=None, help="images per case (default 128, quick 12)")
     parser.add_argument("--large-images", type=int, default=16, help="images per case of the large size")
     parser.add_argument("--size", default="1500x1000", help="the main photo size WxH")
     parser.add_argument("--large-size", default="4000x3000", help="the large photo size WxH")
     parser.add_argument("--instances", type=int, default=5, help="kept instances per prompt (4 prompts)")
     parser.add_argument("--queries", type=int, default=10, help="the stand-in's queries per prompt row")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=32, help="the worker's default")
     parser.add_argument("--io-workers", type=int, default=4, help="loader processes, and as many writers")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help=f"default: a new folder under {DEFAULT_WORK_DIR}, removed at the end")
@@ -166,7 +166,7 @@ def _arguments(argv: list[str] | None) -> Config:
             Case("jpeg", large, 30.0, hand_off="normalized", draft=False),
             Case("jpeg", large, 30.0, draft=False),
         )
-    images = args.images or (12 if args.quick else 64)
+    images = args.images or (12 if args.quick else 128)
     return Config(images, cases, args.batch_size, args.chunk_size, args.io_workers, args.instances, args.queries,
                   args.work_dir or _new_work_dir(), args.model, device, dtype, args.services,
                   threshold=0.5 if args.model == "stand-in" else None, large_images=args.large_images)
