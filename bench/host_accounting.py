@@ -173,12 +173,19 @@ class AccountedRuntime:
         """``Sam3Runtime.segment``, counted; ``more``: whatever else the pipeline passes (the mask delivery)."""
         return self.start_segment(images, prompts, thresholds, *more)()
 
+    def stage(self, images: list[PreparedImage]) -> torch.Tensor:
+        """``Sam3Runtime.stage``, its CPU counted with the model call's (it is the same thread's work for it)."""
+        cpu_start = time.thread_time()
+        staged = self.runtime.stage(images)
+        self.counters.thread_cpu_s += time.thread_time() - cpu_start
+        return staged
+
     def start_segment(self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
-                      *more: Any) -> Callable[[], list[list[PromptDetections]]]:
+                      *more: Any, **named: Any) -> Callable[[], list[list[PromptDetections]]]:
         """``Sam3Runtime.start_segment``, counted: the model stage's wall is the model's part (the pipeline
         holds the model's turn for it); its CPU, the model's part and the host's part after it."""
         start, cpu_start, fetched = time.perf_counter(), time.thread_time(), self.work.fetched_bytes
-        finish = self.runtime.start_segment(images, prompts, thresholds, *more)
+        finish = self.runtime.start_segment(images, prompts, thresholds, *more, **named)
         fetched = self.work.fetched_bytes - fetched  # the fetch is in the model's part: no other batch's in it
         counters = self.counters
         counters.wall_s += time.perf_counter() - start

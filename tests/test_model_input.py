@@ -132,6 +132,23 @@ def test_8_bit_pixels_in_either_memory_layout_become_one_contiguous_batch_of_the
     assert torch.equal(batch[0], expected) and torch.equal(batch[1], expected)
 
 
+@pytest.mark.parametrize("hand_off", ["uint8", "normalized"])
+def test_pixels_staged_before_the_models_turn_give_what_segment_gives(tiny_runtime: Sam3Runtime, hand_off: str) -> None:
+    preparer = replace(tiny_runtime.preparer, hand_off=hand_off)
+    images = [preparer(scene_image(size_hw, variant)) for variant, size_hw in enumerate(SCENE_SIZES_HW)]
+    prompts = [["cat", "dog"]] * len(images)
+    thresholds = Thresholds(score=0.0, mask=0.5)
+
+    staged = tiny_runtime.stage(images)
+    found = tiny_runtime.start_segment(images, prompts, thresholds, "full", staged)()
+
+    assert staged.shape[0] == len(images)
+    expected = tiny_runtime.segment(images, prompts, thresholds)
+    for per_image, expected_per_image in zip(found, expected, strict=True):
+        for got, want in zip(per_image, expected_per_image, strict=True):
+            assert_same_detections(got, want)
+
+
 def test_segmenting_uint8_hand_offs_equals_segmenting_the_processors_pixels(tiny_runtime: Sam3Runtime) -> None:
     scenes = [scene_image(size_hw, variant) for variant, size_hw in enumerate(SCENE_SIZES_HW)]
     normalized = replace(tiny_runtime.preparer, hand_off="normalized")

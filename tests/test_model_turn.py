@@ -1,5 +1,5 @@
-"""The model's turn covers the model's part of a batch only: another chunk's batch runs on the model while
-this one's results are assembled on the host (``start_segment``), and the outputs are the same."""
+"""The model's turn covers the model's part of a batch only: its pixels are stacked before (``stage``) and its
+results assembled after (``start_segment``) while another chunk's batch runs on the model; outputs are the same."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
 from sam3_batch.contracts.settings import Settings
@@ -29,6 +31,7 @@ class OverlapRuntime:
         self.second_started = threading.Event()
         self.starts = 0
         self.overlapped = False
+        self.staged: list[int] = []
 
     @property
     def preparer(self) -> Any:
@@ -37,14 +40,20 @@ class OverlapRuntime:
     def segment(self, *args: Any) -> list[list[PromptDetections]]:
         raise AssertionError("the pipeline should take the two-part path")
 
+    def stage(self, images: list[Any]) -> torch.Tensor:
+        self.staged.append(len(images))
+        return self.inner.stage(images)
+
     def start_segment(
         self, images: list[Any], prompts: list[list[str]], thresholds: Thresholds, masks: MaskDelivery = "full",
+        staged: torch.Tensor | None = None,
     ) -> Callable[[], list[list[PromptDetections]]]:
+        assert staged is not None and staged.shape[0] == len(images)  # stacked before the model's turn
         self.starts += 1
         first = self.starts == 1
         if not first:
             self.second_started.set()
-        finish = self.inner.start_segment(images, prompts, thresholds, masks)
+        finish = self.inner.start_segment(images, prompts, thresholds, masks, staged)
 
         def finished() -> list[list[PromptDetections]]:
             if first:
@@ -88,5 +97,6 @@ def test_a_second_chunks_batch_has_the_model_while_the_first_ones_results_are_as
         context.close()
 
     assert runtime.overlapped
+    assert runtime.staged == [2, 2, 2, 2]  # every batch's pixels stacked before its turn
     assert together == alone
     assert sum(len(m["annotations"]) for per_chunk in alone for m in per_chunk) > 0

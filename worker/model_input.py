@@ -49,14 +49,18 @@ class DeviceNormalizer:
 
     def __call__(self, pixels: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """uint8 (3, H, W) images at the input size -> one (N, 3, H, W) batch on ``device`` in ``dtype``."""
+        return self.normalised(self.staged(pixels, device), dtype)
+
+    def staged(self, pixels: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The host's half: uint8 (3, H, W) images at the input size -> one uint8 (N, 3, H, W) batch on
+        ``device``, in the loaders' memory layout."""
         for image in pixels:
             if tuple(image.shape[-2:]) != self.side_hw:
                 raise ValueError(f"8-bit pixels must be at the model's input size {self.side_hw}, got "
                                  f"{tuple(image.shape[-2:])}")
         # Stacked in the loaders' layout: their resize leaves each image height x width x channel in memory, so
         # the host copies whole images (a transposing copy cost ~4x more CPU); the device transposes.
-        batch = stacked_on([image.permute(1, 2, 0) for image in pixels], device)  # (N, H, W, 3)
-        return self.normalised(batch.permute(0, 3, 1, 2), dtype)
+        return stacked_on([image.permute(1, 2, 0) for image in pixels], device).permute(0, 3, 1, 2)
 
     def normalised(self, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A stacked (N, 3, H, W) uint8 batch on the device, in any memory layout -> the model's input,

@@ -271,12 +271,13 @@ class _ChunkRun:
     def _segment(self, batch: list[LoadedImage]) -> tuple[Segmented, float]:
         """The model's detections and the seconds they took: timed once this chunk has the model's turn.
 
-        The turn is held for the model's part only: the next batch (another chunk's) has the model while this
-        one's results are assembled on the host.
+        The turn is held for the model's part only: this batch's pixels are stacked on the device before it,
+        and its results assembled on the host after it, while another chunk's batch has the model.
         """
+        staged = _staged(self.ctx.runtime, batch)
         with self.ctx.model_turn:
             start = time.perf_counter()
-            finish = _start_by_prompt_kind(self.ctx.runtime, batch, self.spec)
+            finish = _start_by_prompt_kind(self.ctx.runtime, batch, self.spec, staged)
             on_model = time.perf_counter() - start
         start = time.perf_counter()
         found = finish()
@@ -346,22 +347,36 @@ def _with_fitted_prompts(loaded: LoadedImage) -> LoadedImage:
 Segmented = list[tuple[list[PromptDetections], list[PromptDetections]]]  # per image: concepts, objects
 
 
+def _text_only(batch: list[LoadedImage]) -> bool:
+    return not any(has_visual_prompts(b.prompts, b.objects) for b in batch)
+
+
+def _staged(runtime: SegmentationRuntime, batch: list[LoadedImage]) -> object | None:
+    """A text-only batch's pixels stacked on the device (``stage``), if the runtime splits its work so."""
+    stage = getattr(runtime, "stage", None)
+    if not callable(stage) or not callable(getattr(runtime, "start_segment", None)) or not _text_only(batch):
+        return None
+    staged: object = stage([b.prepared for b in batch])
+    return staged
+
+
 def _start_by_prompt_kind(
-    runtime: SegmentationRuntime, batch: list[LoadedImage], spec: JobSpec
+    runtime: SegmentationRuntime, batch: list[LoadedImage], spec: JobSpec, staged: object | None = None
 ) -> Callable[[], Segmented]:
     """The model's part of a batch now; what returns its detections once they are on the host.
 
-    Text prompts alone go through ``start_segment`` (or ``segment``, for a runtime without it); a batch with
-    visual prompts through ``segment_visual``.
+    Text prompts alone go through ``start_segment`` (or ``segment``, for a runtime without it), with the
+    pixels ``_staged`` if they were; a batch with visual prompts through ``segment_visual``.
     """
     thresholds, masks = spec.thresholds, masks_for_writer(spec)
-    if not any(has_visual_prompts(b.prompts, b.objects) for b in batch):
+    if _text_only(batch):
         texts = [[p for p in b.prompts if isinstance(p, str)] for b in batch]
         start = getattr(runtime, "start_segment", None)
         with defer_to_writer():  # every detection goes to a writer, which materialises deferred masks
             if callable(start):
+                more = {"staged": staged} if staged is not None else {}
                 finish: Callable[[], list[list[PromptDetections]]] = start(
-                    [b.prepared for b in batch], texts, thresholds, masks)
+                    [b.prepared for b in batch], texts, thresholds, masks, **more)
             else:
                 found = runtime.segment([b.prepared for b in batch], texts, thresholds, masks)
                 finish = lambda: found  # noqa: E731

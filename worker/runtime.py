@@ -264,18 +264,19 @@ class Sam3Runtime:
 
     def start_segment(
         self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds,
-        masks: MaskDelivery = "full",
+        masks: MaskDelivery = "full", staged: torch.Tensor | None = None,
     ) -> Callable[[], list[list[PromptDetections]]]:
         """``segment`` in two: the model's part now, under the model lock; the host's part (waiting for the
         results to land, assembling them) when the returned function is called, by whoever wants them while
-        the model runs the next batch."""
+        the model runs the next batch. ``staged``: what ``stage(images)`` returned, if it was called."""
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images but {len(prompts)} prompt lists")
         if not images:
             return list
         with self._model_lock, torch.inference_mode(), self.precision.compute(self.device):
+            # The staged pixels serve the whole batch; halves after an out-of-memory error are staged anew.
             finishers = self._split_on_oom(images, prompts, lambda part, asked: self._segment_batch(
-                part, asked, thresholds, masks))
+                part, asked, thresholds, masks, staged if part is images else None))
         # The model is free for the next batch while this one's results land on the host and are assembled.
         return lambda: [found for finish in finishers for found in finish()]
 
@@ -382,7 +383,8 @@ class Sam3Runtime:
         return self.visual.start(self._stack(images), requests, sizes_hw, thresholds, masks)
 
     def _segment_batch(
-        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds, masks: MaskDelivery
+        self, images: list[PreparedImage], prompts: list[list[str]], thresholds: Thresholds, masks: MaskDelivery,
+        staged: torch.Tensor | None = None,
     ) -> _Finish:
         """One vision pass for the batch, then the detector over slices of its (image, prompt) rows.
 
@@ -391,7 +393,8 @@ class Sam3Runtime:
         rows = _Rows.of(images, prompts)
         if not rows.prompts:
             return lambda: [[] for _ in images]
-        vision = self._vision_features(self._stack(images))
+        pixels = self._model_input(staged) if staged is not None else self._stack(images)
+        vision = self._vision_features(pixels)
         pending: list[PendingDetections] = []
         done = 0
         while done < len(rows.prompts):
@@ -446,10 +449,18 @@ class Sam3Runtime:
         return start_detections(outputs, rows.prompts, rows.sizes_hw, thresholds, masks,
                                 defer=defers_on(self.device))
 
-    def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
+    def stage(self, images: list[PreparedImage]) -> torch.Tensor:
+        """The batch's pixels stacked on the device: the host's copy, which needs no model. Called before the
+        model's turn and passed to ``start_segment(staged=)``, it runs while another batch is on the model."""
         if images[0].pixel_values.dtype == torch.uint8:  # the loaders left normalising to the device
-            return self._normalizer([image.pixel_values for image in images], self.device, self.dtype)
+            return self._normalizer.staged([image.pixel_values for image in images], self.device)
         return stacked_on([image.pixel_values.to(self.dtype) for image in images], self.device)
+
+    def _model_input(self, staged: torch.Tensor) -> torch.Tensor:
+        return self._normalizer.normalised(staged, self.dtype) if staged.dtype == torch.uint8 else staged
+
+    def _stack(self, images: list[PreparedImage]) -> torch.Tensor:
+        return self._model_input(self.stage(images))
 
     def _text_rows(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features and attention masks for each prompt (cached when seen before), stacked as rows."""
