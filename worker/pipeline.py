@@ -55,8 +55,8 @@ T = TypeVar("T")
 class SegmentationRuntime(Protocol):
     """What the pipeline needs of a resident model (worker.runtime.Sam3Runtime, or a bench stand-in).
 
-    Optional: ``start_segment`` (``segment`` in two, so the model is free while results are assembled) and
-    ``segment_visual`` (exemplar boxes, objects).
+    Optional: ``stage`` and ``start_segment`` (a batch's model part apart from the host's copy before it and
+    the assembling after it, so the model is free meanwhile) and ``segment_visual`` (exemplar boxes, objects).
     """
 
     model_id: str
