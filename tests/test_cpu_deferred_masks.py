@@ -19,7 +19,7 @@ from sam3_batch.worker.detections import DeferredMasks, MaskDelivery, PromptDete
 from sam3_batch.worker.device_post import defer_to_writer, materialised, sigmoid_then_upsample, start_masks
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
-from tests.fixtures.model import scene_image
+from tests.fixtures.model import scene_image, scene_items
 
 PROMPTS = ["a red disc", "blue box", "dog"]
 # Score threshold 0 keeps every query: many instances per image, as in a crowded scene.
@@ -68,13 +68,7 @@ def test_without_a_writer_the_runtime_post_processes_as_before(tiny_runtime: Sam
 
 @pytest.fixture(scope="module")
 def items(tmp_path_factory: pytest.TempPathFactory) -> list[WorkItem]:
-    folder = tmp_path_factory.mktemp("crowded")
-    found = []
-    for index, size_hw in enumerate(SIZES_HW):
-        path = folder / f"scene-{index}.{'png' if index % 2 else 'jpg'}"
-        scene_image(size_hw, variant=index).save(path, quality=92)
-        found.append(WorkItem(uri=f"file://{path}", out_key=path.name))
-    return found
+    return scene_items(tmp_path_factory.mktemp("crowded"), SIZES_HW, formats=("jpg", "png"))
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -9,14 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from pathlib import Path
 
-from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.model_input import PreparedImage, Preparer
 from sam3_batch.worker.pipeline import ChunkContext, ChunkResult, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
-from tests.fixtures.model import scene_image
+from tests.fixtures.model import scene_items
 
 CHUNKS, IMAGES_PER_CHUNK = 2, 4
 
@@ -44,11 +44,7 @@ class TimedRuntime:
 
 
 def _chunks(folder: Path) -> list[ChunkMessage]:
-    items = []
-    for index in range(CHUNKS * IMAGES_PER_CHUNK):
-        path = folder / f"scene-{index}.png"
-        scene_image((240, 320), variant=index).save(path)
-        items.append(WorkItem(uri=f"file://{path}", out_key=path.name))
+    items = scene_items(folder, [(240, 320)] * (CHUNKS * IMAGES_PER_CHUNK))
     return [ChunkMessage(job_id="model-seconds", chunk_id=f"c{n}", items=items[n::CHUNKS]) for n in range(CHUNKS)]
 
 

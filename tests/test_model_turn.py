@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
-from tests.fixtures.model import scene_image
+from tests.fixtures.model import scene_items
 
 WAIT_S = 60.0  # only reached when the turn is held through the host's part: then the test fails, not hangs
 
@@ -64,13 +64,7 @@ class OverlapRuntime:
 
 
 def _chunk(tmp_path: Path, name: str, count: int) -> ChunkMessage:
-    items = []
-    for index in range(count):
-        path = tmp_path / "in" / f"{name}{index}.png"
-        path.parent.mkdir(exist_ok=True)
-        scene_image((120, 160), index).save(path)
-        items.append(WorkItem(uri=f"file://{path}", out_key=path.name))
-    return ChunkMessage(job_id="turns", chunk_id=name, items=items)
+    return ChunkMessage(job_id="turns", chunk_id=name, items=scene_items(tmp_path / "in", [(120, 160)] * count, name))
 
 
 def test_a_second_chunks_batch_has_the_model_while_the_first_ones_results_are_assembled(

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds, WorkItem
+from sam3_batch.contracts.schemas import ChunkMessage, JobSpec, Thresholds
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.contracts.storage import Storage
 from sam3_batch.worker.detections import MaskDelivery, PromptDetections
 from sam3_batch.worker.pipeline import ChunkContext, pending_writes_limit, process_chunk
 from sam3_batch.worker.runtime import Sam3Runtime
 from sam3_batch.worker.stage_pools import StagePool
-from tests.fixtures.model import scene_image
+from tests.fixtures.model import scene_items
 
 IMAGES = 6
 BOUND = 2
@@ -62,12 +62,7 @@ def test_no_more_than_the_bound_of_images_wait_for_a_stalled_writer(
 ) -> None:
     settings = Settings(device="cpu", batch_size=1, io_workers=1, io_mode="threads", max_pending_writes=BOUND)
     gate = threading.Event()
-    items = []
-    for index in range(IMAGES):
-        path = tmp_path / "in" / f"{index}.png"
-        path.parent.mkdir(exist_ok=True)
-        scene_image((120, 160), index).save(path)
-        items.append(WorkItem(uri=f"file://{path}", out_key=path.name))
+    items = scene_items(tmp_path / "in", [(120, 160)] * IMAGES, prefix="")
     spec = JobSpec(job_id="bounded", prompts=["cat"], thresholds=Thresholds(score=0.0),
                    output_root=f"file://{tmp_path / 'out'}")
     runtime = GateOpeningRuntime(tiny_runtime, gate)

@@ -21,7 +21,7 @@ from sam3_batch.worker.encode import decode_rle
 from sam3_batch.worker.pipeline import ChunkContext, process_chunk
 from sam3_batch.worker.runtime import CPU_BATCH_SIZE, Sam3Runtime
 from sam3_batch.worker.writer import WriteRequest, write_image_outputs
-from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, scene_image
+from tests.fixtures.model import BATCHED_MASK_TOLERANCE, SCENE_SIZES_HW, scene_items
 
 PROMPTS = ["a red disc", "blue box"]
 # Random weights score queries at ~0.05-0.25: this keeps some instances and drops others.
@@ -62,13 +62,8 @@ class RecordingRuntime:
 @pytest.fixture(scope="module")
 def photo_items(tmp_path_factory: pytest.TempPathFactory) -> list[WorkItem]:
     """JPEG and PNG photos of different sizes on disk, one of them with its own prompts."""
-    folder = tmp_path_factory.mktemp("photos")
-    items = []
-    for index, size_hw in enumerate(SIZES_HW):
-        path = folder / f"photo-{index}.{'png' if index % 2 else 'jpg'}"
-        scene_image(size_hw, variant=index).save(path, quality=92)
-        prompts = OVERRIDE_PROMPTS if index == 2 else None
-        items.append(WorkItem(uri=f"file://{path}", out_key=path.name, prompts=prompts))
+    items = scene_items(tmp_path_factory.mktemp("photos"), SIZES_HW, prefix="photo-", formats=("jpg", "png"))
+    items[2] = WorkItem(uri=items[2].uri, out_key=items[2].out_key, prompts=OVERRIDE_PROMPTS)
     return items
 
 
