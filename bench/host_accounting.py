@@ -78,15 +78,17 @@ class DeviceWork:
         return result
 
 
-def memoised_device_step(fn: Callable[..., Any], work: DeviceWork) -> Callable[..., Any]:
+def memoised_device_step(fn: Callable[..., Any], work: DeviceWork,
+                         key_of: Callable[..., tuple[Any, ...]] | None = None) -> Callable[..., Any]:
     """``fn`` run once per distinct input (the stand-in repeats its masks), its CPU counted as device work.
 
     The cached result itself is returned (steps only read their inputs), so a later step given it (RLE of
     the upsampled masks, say) recognises it by address instead of reading megabytes to make a key.
+    ``key_of``: what makes inputs distinct, from the arguments (default: each argument's ``DeviceWork.key``).
     """
     def wrapped(*args: Any) -> Any:
         start = time.thread_time()  # the lookup too: it stands in for the kernel, which would run on the device
-        key = (fn.__name__, *(work.key(arg) for arg in args))
+        key = (fn.__name__, *(key_of(*args) if key_of is not None else (work.key(arg) for arg in args)))
         found = work.memo[key] if key in work.memo else work.remember(key, fn(*args))
         work.cpu_s += time.thread_time() - start
         return found
@@ -124,26 +126,19 @@ def device_side_accounted(work: DeviceWork) -> Iterator[None]:
     switches = {(m, n): v for m, n, v in GPU_PATH_SWITCHES}
     patches += [(module, name, switches[module.__name__, name], old)
                 for module, name, old in _attributes(tuple(switches))]
+    # Normalising, run once per batch shape: the stand-in never reads the values of its pixels, and on this CPU
+    # the "kernels" would cost about half its budget (stacking the batch stays the host's, and counted).
     normalise = DeviceNormalizer.normalised
-
-    def counted_normalise(self: DeviceNormalizer, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Normalising, run once per batch shape: the stand-in never reads the values of its pixels, and on this
-        CPU the "kernels" would cost about half its budget (stacking the batch stays the host's, and counted)."""
-        start = time.thread_time()
-        key = ("normalised", self, tuple(batch.shape), batch.dtype, dtype)
-        found = work.memo[key] if key in work.memo else work.remember(key, normalise(self, batch, dtype))
-        work.cpu_s += time.thread_time() - start
-        return found
-
+    patches.append((DeviceNormalizer, "normalised", memoised_device_step(
+        normalise, work, lambda normalizer, batch, dtype: (normalizer, tuple(batch.shape), batch.dtype, dtype)),
+        normalise))
     for module, name, new, _old in patches:
         setattr(module, name, new)
-    DeviceNormalizer.normalised = counted_normalise  # type: ignore[method-assign]
     try:
         yield
     finally:
         for module, name, _new, old in patches:
             setattr(module, name, old)
-        DeviceNormalizer.normalised = normalise  # type: ignore[method-assign]
 
 
 @dataclass
