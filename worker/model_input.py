@@ -47,10 +47,6 @@ class DeviceNormalizer:
     std: tuple[float, float, float]
     rescale: float  # 1/255
 
-    def __call__(self, pixels: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 (3, H, W) images at the input size -> one (N, 3, H, W) batch on ``device`` in ``dtype``."""
-        return self.normalised(self.staged(pixels, device), dtype)
-
     def staged(self, pixels: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The host's half: uint8 (3, H, W) images at the input size -> one uint8 (N, 3, H, W) batch on
         ``device``, in the loaders' memory layout."""
