@@ -136,7 +136,8 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--queries", type=int, default=10, help="the stand-in's queries per prompt row")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=32, help="the worker's default")
-    parser.add_argument("--io-workers", type=int, default=4, help="loader processes, and as many writers")
+    parser.add_argument("--io-workers", type=int, default=0,
+                        help="loader processes, and as many writers (0: the worker's default for this machine)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help=f"default: a new folder under {DEFAULT_WORK_DIR}, removed at the end")
     parser.add_argument("--model", default="stand-in", choices=("stand-in", "full", "smoke"),
@@ -167,7 +168,8 @@ def _arguments(argv: list[str] | None) -> Config:
             Case("jpeg", large, 30.0, draft=False),
         )
     images = args.images or (12 if args.quick else 128)
-    return Config(images, cases, args.batch_size, args.chunk_size, args.io_workers, args.instances, args.queries,
+    io_workers = Settings(io_workers=args.io_workers).io_worker_count()
+    return Config(images, cases, args.batch_size, args.chunk_size, io_workers, args.instances, args.queries,
                   args.work_dir or _new_work_dir(), args.model, device, dtype, args.services,
                   threshold=0.5 if args.model == "stand-in" else None, large_images=args.large_images)
 

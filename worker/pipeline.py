@@ -95,7 +95,7 @@ class ChunkContext:
         preparer = runtime.preparer
         # The stage processes import the steps and the preparer's module once, in the forkserver.
         preload = [name for name in ("sam3_batch.worker.io_stages", getattr(preparer, "__module__", None)) if name]
-        mode, workers = settings.io_mode, settings.io_workers
+        mode, workers = settings.io_mode, settings.io_worker_count()
         loader_setup = LoaderSetup(settings, preparer, slots=pixel_slots_for(settings, preparer, mode))
         return cls(
             runtime=runtime, storage=storage, settings=settings,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sam3_batch.contracts.cpus import usable_cpus
 from sam3_batch.contracts.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,4 +51,4 @@ def _set_compile_caches(cache_dir: str | None) -> None:
 
 def _default_threads(device: str) -> int:
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return min(GPU_TORCH_THREADS, os.cpu_count() or 1) if on_gpu else 0
+    return min(GPU_TORCH_THREADS, usable_cpus()) if on_gpu else 0

@@ -8,7 +8,10 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sam3_batch.contracts.cpus import usable_cpus
+
 ENV_PREFIX = "SAM3_BATCH_"
+DEFAULT_MAX_IO_WORKERS = 4
 _NOT_PREFIXED = {"aws_secret_access_key", "nvidia_visible_devices"}
 
 
@@ -57,8 +60,9 @@ class Settings(BaseSettings):
     max_pending_writes: int = Field(0, ge=0)
     # Download/decode/resize and encode/upload run beside the model in this many workers per stage:
     # processes by default (no GIL shared with the model), or threads of the worker process.
+    # 0: one per CPU this worker may use (its affinity and container quota), at most 4 (``io_worker_count``).
     io_mode: Literal["processes", "threads"] = "processes"
-    io_workers: int = Field(4, ge=1)
+    io_workers: int = Field(0, ge=0)
     # Shared-memory slots (one model input each, ~3 MB at 1008 px) that loader processes copy 8-bit pixels
     # into for the model; images beyond them cross the slower way. 0: none (worker.pixel_slots).
     pixel_slots: int = Field(64, ge=0)
@@ -96,6 +100,11 @@ class Settings(BaseSettings):
             raw = value.get_secret_value() if isinstance(value, SecretStr) else value
             env[f"{ENV_PREFIX}{name.upper()}"] = str(raw).lower() if isinstance(raw, bool) else str(raw)
         return env
+
+    def io_worker_count(self) -> int:
+        """Loader workers, and as many writer workers: the setting, or one per usable CPU up to 4 (more stage
+        processes than cores cost CPU per image without adding throughput: bench/RESULTS.md, "Host budget")."""
+        return self.io_workers or min(DEFAULT_MAX_IO_WORKERS, usable_cpus())
 
     def state_redis_url(self) -> str:
         """The Redis URL for job state (falls back to the broker)."""

@@ -65,7 +65,7 @@ def build_client(settings: Settings) -> Any:
         retries={"mode": settings.s3_retry_mode, "total_max_attempts": settings.s3_max_attempts},
         connect_timeout=settings.s3_connect_timeout_s,
         read_timeout=settings.s3_read_timeout_s,
-        max_pool_connections=max(_MIN_POOL, 2 * settings.io_workers),
+        max_pool_connections=max(_MIN_POOL, 2 * settings.io_worker_count()),
         # S3-compatible stores behind a custom endpoint (MinIO, moto, Ceph) rarely have wildcard DNS.
         s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
     )
