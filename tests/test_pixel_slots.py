@@ -18,8 +18,9 @@ from sam3_batch.contracts.schemas import WorkItem
 from sam3_batch.contracts.settings import Settings
 from sam3_batch.worker import shared_arrays
 from sam3_batch.worker.io_stages import LoadedImage, Loader, LoaderSetup, load_image, pixel_slots_for
+from sam3_batch.worker.model_input import PreparedImage
 from sam3_batch.worker.pixel_slots import PixelSlots
-from sam3_batch.worker.runtime import Sam3Runtime
+from sam3_batch.worker.runtime import ImagePreparer, Sam3Runtime, resized_uint8
 from sam3_batch.worker.stage_pools import StagePool
 from tests.fixtures.model import scene_image
 
@@ -142,7 +143,7 @@ def test_a_loader_process_hands_the_model_the_same_pixels_through_a_slot(
     assert isinstance(loaded, LoadedImage) and isinstance(in_process, LoadedImage)
     assert slots.slot_of(loaded.prepared.pixel_values) == 0
     assert torch.equal(loaded.prepared.pixel_values, in_process.prepared.pixel_values)
-    assert "hand-off" in loaded.cpu_ms
+    assert "hand-off" not in loaded.cpu_ms  # resized straight into the slot: nothing left to copy
     assert pixel_slots_for(settings, tiny_runtime.preparer, "threads") is None  # threads share the memory anyway
     assert pixel_slots_for(Settings(pixel_slots=0), tiny_runtime.preparer, "processes") is None
 
@@ -162,3 +163,53 @@ def test_a_taker_that_died_holding_the_lock_costs_the_others_their_slots_never_a
     assert [slots.slot_of(pixels) for pixels in crossed] == [None, None, None]
     assert all(torch.equal(pixels, expected(seed)) for seed, pixels in enumerate(crossed, start=1))
     assert slots.free == SLOTS
+
+
+@pytest.mark.parametrize(("source_hw", "layout"), [
+    ((1000, 1500), "hwc"), ((480, 640), "hwc"), ((1500, 2000), "hwc"), ((1008, 1008), "hwc"), ((37, 1200), "hwc"),
+    ((1000, 1500), "chw"), ((600, 400), "chw"),
+])
+def test_resizing_into_a_slot_gives_torchvisions_pixels_bit_for_bit_in_the_slot_itself(
+    source_hw: tuple[int, int], layout: str
+) -> None:
+    generator = torch.Generator().manual_seed(source_hw[0] * 7 + source_hw[1])
+    smooth = torch.randint(0, 256, (3, 12, 16), generator=generator, dtype=torch.uint8)
+    base = torch.nn.functional.interpolate(smooth[None].float(), size=source_hw, mode="bicubic")[0]
+    noise = torch.randint(-20, 21, (3, *source_hw), generator=generator)
+    chw = (base + noise).clamp(0, 255).to(torch.uint8)  # photo-like: smooth fields plus fine texture
+    pixels = chw.permute(1, 2, 0).contiguous().permute(2, 0, 1) if layout == "hwc" else chw.contiguous()
+    slots = PixelSlots.create(2, 3 * 1008 * 1008)
+
+    slot = slots.take((3, 1008, 1008))
+    assert slot is not None and slots.slot_of(slot) == 0 and slots.free == 1
+    result = resized_uint8(pixels, (1008, 1008), out=slot)
+
+    assert result.data_ptr() == slot.data_ptr() and result.stride() == slot.stride()
+    assert torch.equal(result, resized_uint8(pixels, (1008, 1008)))  # torchvision's resize, the processor's
+    contiguous_out = torch.empty((3, 1008, 1008), dtype=torch.uint8)  # the other layout: resized, then copied
+    assert torch.equal(resized_uint8(pixels, (1008, 1008), out=contiguous_out), result)
+
+
+def test_a_taken_slot_that_the_preparer_fails_to_fill_is_free_again(tiny_runtime: Sam3Runtime, tmp_path: Path) -> None:
+    path = tmp_path / "scene.jpg"
+    path.write_bytes(_jpeg(scene_image((480, 640))))
+    slots = PixelSlots.create(1, 3 * 1008 * 1008)
+    failing = FailingIntoSlot(tiny_runtime.preparer)
+    loader = Loader(LoaderSetup(Settings(), tiny_runtime.preparer)(False).storage, failing, 10**8, slots=slots)
+
+    failed = load_image(loader, WorkItem(uri=str(path), out_key="scene"), False, None)
+
+    assert not isinstance(failed, LoadedImage) and "no room" in failed.reason  # type: ignore[union-attr]
+    assert failing.given_slot and slots.free == 1
+
+
+class FailingIntoSlot:
+    """The real preparer, failing once it has been given a slot to write into (as a resize out of memory would)."""
+
+    def __init__(self, preparer: ImagePreparer) -> None:
+        self.preparer, self.given_slot = preparer, False
+        self.input_size_wh, self.fills_slots = preparer.input_size_wh, True
+
+    def __call__(self, image: Image.Image, out: torch.Tensor | None = None) -> PreparedImage:
+        self.given_slot = out is not None
+        raise MemoryError("no room") if out is not None else RuntimeError("expected a slot")

@@ -165,12 +165,12 @@ def load_image(loader: Loader, item: WorkItem, keep_pixels: bool, done_check: Do
         start, cpu_start = _timed(timings, cpu, "download", start, cpu_start)
         decoded = _decoded(loader, data, keep_pixels)
         start, cpu_start = _timed(timings, cpu, "decode", start, cpu_start)
-        prepared = _prepared(loader.preparer, decoded.image)
+        prepared = _prepared(loader, decoded.image)
         size_wh = decoded.size_wh
         if decoded.decoded_wh != size_wh:  # decoded at a reduced scale: masks are still made at the full size
             prepared = replace(prepared, original_size_hw=(size_wh[1], size_wh[0]))
         start, cpu_start = _timed(timings, cpu, "preprocess", start, cpu_start)
-        if loader.slots is not None:
+        if loader.slots is not None and loader.slots.slot_of(prepared.pixel_values) is None:
             prepared = replace(prepared, pixel_values=loader.slots.hold(prepared.pixel_values))
             _timed(timings, cpu, "hand-off", start, cpu_start)
     except Exception as exc:
@@ -191,11 +191,28 @@ def _decoded(loader: Loader, data: bytes, keep_pixels: bool) -> ModelImage:
                             as_tensor=loader.tensor_pixels)
 
 
-def _prepared(preparer: Preparer, image: Image.Image | torch.Tensor) -> PreparedImage:
-    if isinstance(image, Image.Image):
-        return preparer(image)
-    # A tensor only reaches a preparer that says it takes one (Loader.tensor_pixels).
-    return cast(Callable[[torch.Tensor], PreparedImage], preparer)(image)
+def _prepared(loader: Loader, image: Image.Image | torch.Tensor) -> PreparedImage:
+    """The preparer's output; in a loader process with pixel slots, written straight into a free slot."""
+    preparer = loader.preparer
+    slot = _free_slot(loader)
+    if slot is None:
+        if isinstance(image, Image.Image):
+            return preparer(image)
+        # A tensor only reaches a preparer that says it takes one (Loader.tensor_pixels).
+        return cast(Callable[[torch.Tensor], PreparedImage], preparer)(image)
+    try:
+        return cast(Callable[..., PreparedImage], preparer)(image, out=slot)
+    except BaseException:
+        cast(PixelSlots, loader.slots).give_back(slot)
+        raise
+
+
+def _free_slot(loader: Loader) -> torch.Tensor | None:
+    """A slot the preparer can resize into (it says it can, and names its input size), if one is free."""
+    size_wh: tuple[int, int] | None = getattr(loader.preparer, "input_size_wh", None)
+    if loader.slots is None or size_wh is None or not getattr(loader.preparer, "fills_slots", False):
+        return None
+    return loader.slots.take((3, size_wh[1], size_wh[0]))
 
 
 def write_image(storage: Storage, request: WriteRequest) -> WriteResult:

@@ -4,9 +4,10 @@ A tensor that crosses processes the usual way (torch's shared-memory reduction) 
 shared-memory segment whose every page is first touched in the loader and again in the worker, and its file
 descriptor is passed over a socket: measured ~7 ms of loader CPU and ~1 ms of the worker's per 3 MB image on
 top of the copy (bench/RESULTS.md, "Host budget"). Here the worker makes ``count`` slots of one model input
-each before its loader processes start; a loader copies its resized pixels into a free slot (one memcpy into
-pages already mapped) and only the slot's number crosses. In the worker, the tensor of a slot lends the slot
-for as long as any tensor viewing it is alive: when the last view is gone the slot is free again.
+each before its loader processes start; a loader resizes straight into a free slot (``take``; or copies
+pixels made elsewhere into one: ``hold``) and only the slot's number crosses. In the worker, the tensor of a
+slot lends the slot for as long as any tensor viewing it is alive: when the last view is gone the slot is free
+again.
 
 When every slot is lent (more images in flight than slots) or the pixels do not fit, the image crosses the
 usual way: slots only ever save work. A loader that dies between taking a slot and handing it over leaves the
@@ -74,6 +75,24 @@ class PixelSlots:
         target = _in_layout_of(pixels, self.memory[index])
         target.copy_(pixels)
         return target
+
+    def take(self, shape_chw: tuple[int, int, int]) -> torch.Tensor | None:
+        """In a loader: a free slot as a uint8 (C, H, W) tensor laid out H x W x C in memory (what a resize of
+        pixels in that layout writes), to be filled in place; None when none is free or the shape does not fit.
+        It crosses to the worker as the slot's number, as ``hold``'s copy does; ``give_back`` one that will not."""
+        channels, height, width = shape_chw
+        if channels * height * width > self.memory.shape[1]:
+            return None
+        index = self._take()
+        if index is None:
+            return None
+        return self.memory[index][: channels * height * width].view(height, width, channels).permute(2, 0, 1)
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        """In a loader: the slot ``tensor`` lies in is free again (it was taken, and will not cross after all)."""
+        index = self.slot_of(tensor)
+        if index is not None:
+            self.release(index)
 
     def _take(self) -> int | None:
         # Only takers (loaders) lock, for microseconds: one killed while holding the lock costs the others a

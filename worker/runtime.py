@@ -54,6 +54,22 @@ _Finish = Callable[[], list[list[PromptDetections]]]
 _BILINEAR = tv_functional.InterpolationMode.BILINEAR
 
 
+def resized_uint8(pixels: torch.Tensor, size_hw: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's resize of uint8 (3, H, W) CPU pixels (bilinear, antialiased: the processor's), optionally
+    written straight into ``out`` (3, *size_hw) uint8: the same pixels, bit for bit, without a copy."""
+    if out is None:
+        resized: torch.Tensor = tv_functional.resize(pixels, list(size_hw), interpolation=_BILINEAR, antialias=True)
+        return resized
+    same_layout = pixels.permute(1, 2, 0).is_contiguous() == out.permute(1, 2, 0).is_contiguous()
+    if tuple(pixels.shape[-2:]) == size_hw or not same_layout:  # (torchvision returns same-size pixels as they are)
+        return out.copy_(resized_uint8(pixels, size_hw))
+    # The kernel torchvision's resize runs for uint8 on the CPU (through interpolate), given its output, which
+    # it writes in the input's memory layout: ``out`` has that layout, so it is written in place.
+    torch.ops.aten._upsample_bilinear2d_aa.out(pixels.unsqueeze(0), list(size_hw), False, None, None,
+                                               out=out.unsqueeze(0))
+    return out
+
+
 @dataclass(frozen=True)
 class ImagePreparer:
     """The processor's resize + normalize of one decoded image. Picklable: loader processes run it.
@@ -76,7 +92,14 @@ class ImagePreparer:
         """Whether it takes the image as a uint8 (3, H, W) tensor too (``decode_for_model(..., as_tensor=True)``)."""
         return self.hand_off == "uint8"
 
-    def __call__(self, image: PIL.Image.Image | torch.Tensor) -> PreparedImage:
+    @property
+    def fills_slots(self) -> bool:
+        """Whether ``__call__`` can resize straight into a given uint8 (3, H, W) tensor (``out``): a pixel slot."""
+        return self.hand_off == "uint8"
+
+    def __call__(self, image: PIL.Image.Image | torch.Tensor, out: torch.Tensor | None = None) -> PreparedImage:
+        """``out``: with the uint8 hand-off, a uint8 (3, H, W) tensor at the input size (best laid out
+        H x W x 3 in memory, as a pixel slot is) that the resize writes into and the result is."""
         if isinstance(image, torch.Tensor):  # uint8 (3, H, W), best laid out H x W x 3 in memory
             size_hw = (int(image.shape[1]), int(image.shape[2]))
         else:
@@ -88,8 +111,9 @@ class ImagePreparer:
             side_w, side_h = self.input_size_wh
             pixels = image if isinstance(image, torch.Tensor) else (
                 torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
-            return PreparedImage(tv_functional.resize(pixels, [side_h, side_w], interpolation=_BILINEAR,
-                                                      antialias=True), size_hw)
+            return PreparedImage(resized_uint8(pixels, (side_h, side_w), out), size_hw)
+        if out is not None:
+            raise ValueError("only the uint8 hand-off resizes into a given tensor")
         if isinstance(image, torch.Tensor):  # the processor is given what it is given everywhere else
             image = PIL.Image.fromarray(image.permute(1, 2, 0).numpy())
         encoded = self.image_processor(images=image, return_tensors="pt")
