@@ -157,6 +157,7 @@ class AccountedRuntime:
 
     def __init__(self, runtime: Sam3Runtime, work: DeviceWork) -> None:
         self.runtime, self.counters, self.work = runtime, ModelCounters(), work
+        self.spans: list[tuple[float, float]] = []  # each batch's model part: (start, end), perf_counter seconds
         self.model_id, self.revision = runtime.model_id, runtime.revision
 
     @property
@@ -183,7 +184,9 @@ class AccountedRuntime:
         finish = self.runtime.start_segment(images, prompts, thresholds, *more, **named)
         fetched = self.work.fetched_bytes - fetched  # the fetch is in the model's part: no other batch's in it
         counters = self.counters
-        counters.wall_s += time.perf_counter() - start
+        end = time.perf_counter()
+        counters.wall_s += end - start
+        self.spans.append((start, end))
         counters.thread_cpu_s += time.thread_time() - cpu_start
         counters.calls += 1
         counters.images += len(images)

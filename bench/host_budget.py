@@ -128,7 +128,7 @@ class Config:
 def _arguments(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1500x1000 JPEGs only, few images (for the test)")
-    parser.add_argument("--images", type=int, default=None, help="images per case (default 128, quick 12)")
+    parser.add_argument("--images", type=int, default=None, help="images per case (default 256, quick 12)")
     parser.add_argument("--large-images", type=int, default=16, help="images per case of the large size")
     parser.add_argument("--size", default="1500x1000", help="the main photo size WxH")
     parser.add_argument("--large-size", default="4000x3000", help="the large photo size WxH")
@@ -167,7 +167,7 @@ def _arguments(argv: list[str] | None) -> Config:
             Case("jpeg", large, 30.0, hand_off="normalized", draft=False),
             Case("jpeg", large, 30.0, draft=False),
         )
-    images = args.images or (12 if args.quick else 128)
+    images = args.images or (12 if args.quick else 256)
     io_workers = Settings(io_workers=args.io_workers).io_worker_count()
     return Config(images, cases, args.batch_size, args.chunk_size, io_workers, args.instances, args.queries,
                   args.work_dir or _new_work_dir(), args.model, device, dtype, args.services,
@@ -249,6 +249,7 @@ class CaseFigures:
     held_ms: float  # per image: the stand-in's fixed time
     peak_rss_mib: dict[str, float]
     peak_shm_mib: float
+    model_window_s: float  # from the model's first batch to the end of its last: the job less its ramp and tail
 
     @property
     def images_per_s(self) -> float:
@@ -362,10 +363,12 @@ def measure_case(worker: Worker, store: RedisJobStore | None, uris: list[str], c
     before = {name: _cpu_s(pids) for name, pids in groups.items()}
     steps_before = {**worker.loaders.step_cpu_ms, **worker.writers.step_cpu_ms}
     model_before, device_before = replace(worker.accounted.counters), work.cpu_s
-    start = time.perf_counter()
+    start, spans_before = time.perf_counter(), len(worker.accounted.spans)
     with MemorySampler(lambda: [own, *loader_pids, *writer_pids]) as memory:
         run_job(worker, store, uris, case, f"job{index}", config, threshold)
     wall = time.perf_counter() - start
+    spans = worker.accounted.spans[spans_before:]
+    model_window = max(end for _, end in spans) - min(begin for begin, _ in spans)
     n = len(uris)
     cpu_ms = {name: 1000.0 * (_cpu_s(pids) - before[name]) / n for name, pids in groups.items()}
     device_ms = 1000.0 * (work.cpu_s - device_before) / n
@@ -377,7 +380,8 @@ def measure_case(worker: Worker, store: RedisJobStore | None, uris: list[str], c
     rss = {"worker": vm_kib(own, "VmHWM") / 1024,
            "stage processes (sum)": sum(vm_kib(pid, "VmHWM") for pid in [*loader_pids, *writer_pids]) / 1024}
     held_ms = 1000.0 * (model.counters.held_s - held_before) / n if isinstance(model, StandInSam3) else 0.0
-    return CaseFigures(case, n, wall, cpu_ms, step_ms, device_ms, delta, held_ms, rss, memory.peak_kib / 1024)
+    return CaseFigures(case, n, wall, cpu_ms, step_ms, device_ms, delta, held_ms, rss, memory.peak_kib / 1024,
+                       model_window)
 
 
 def _cpu_s(pids: list[int]) -> float:
@@ -468,6 +472,9 @@ def report(results: list[CaseFigures], config: Config, threshold: float) -> str:
     row("**÷ the stand-in's rate**",
         lambda r: f"**{r.images_per_s * r.case.ms_per_image / 1000.0:.2f}**" if r.case.ms_per_image else "n/a")
     row("÷ the model stage's own rate", lambda r: f"{r.images_per_s * r.model.wall_s / r.images:.2f}")
+    row("from the model's first batch to its last (no first loads, no last writes) ÷ the stand-in's rate",
+        lambda r: f"{r.images / r.model_window_s * r.case.ms_per_image / 1000.0:.2f}" if r.case.ms_per_image
+        else "n/a")
     row("instances per image", lambda r: f"{r.model.instances / r.images:.1f}")
     row("host->device bytes/image", lambda r: f"{r.model.host_to_device_bytes / r.images / 1e6:.2f} MB")
     row("device->host bytes/image", lambda r: f"{r.model.device_to_host_bytes / r.images / 1e6:.2f} MB")
