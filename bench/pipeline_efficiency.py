@@ -116,7 +116,8 @@ def _arguments(argv: list[str] | None) -> Config:
     parser.add_argument("--chunk-sizes", default="8,32,128", help="images per chunk message, comma-separated")
     parser.add_argument("--pools", default="threads:2,solo:1", help="worker pool:concurrency, comma-separated")
     parser.add_argument("--io-modes", default="processes,threads", help="where the worker's I/O stages run")
-    parser.add_argument("--io-workers", type=int, default=4, help="loaders, and as many writers")
+    parser.add_argument("--io-workers", type=int, default=0,
+                        help="loaders, and as many writers (0: the worker's default for this machine)")
     parser.add_argument("--model-threads", type=int, default=1, help="CPU cores the model gets")
     parser.add_argument("--naive-images", type=int, default=64, help="images for the one-at-a-time loop")
     parser.add_argument("--threshold", type=float, default=0.0, help="score threshold (0: every query kept)")
@@ -131,7 +132,7 @@ def _arguments(argv: list[str] | None) -> Config:
     return Config(
         images=args.images, size_wh=parse_size(args.size), batch_size=args.batch_size,
         chunk_sizes=tuple(int(c) for c in args.chunk_sizes.split(",")), pools=pools,
-        io_modes=tuple(args.io_modes.split(",")), io_workers=args.io_workers,
+        io_modes=tuple(args.io_modes.split(",")), io_workers=Settings(io_workers=args.io_workers).io_worker_count(),
         model_threads=args.model_threads, naive_images=min(args.naive_images, args.images),
         threshold=args.threshold, work_dir=args.work_dir, json_out=args.json,
         queries=tuple(int(q) for q in args.queries.split(",")), probes=not args.no_probes,
