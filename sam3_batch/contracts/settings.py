@@ -60,10 +60,10 @@ class Settings(BaseSettings):
     max_pending_writes: int = Field(0, ge=0)
     # Download/decode/resize and encode/upload run beside the model in this many workers per stage:
     # processes by default (no GIL shared with the model), or threads of the worker process.
-    # 0: one per CPU this worker may use (its affinity and container quota), at most 4 (``io_worker_count``).
     io_mode: Literal["processes", "threads"] = "processes"
+    # 0: one per CPU this worker may use (its affinity and container quota), at most 4 (``io_worker_count``).
     io_workers: int = Field(0, ge=0)
-    # Shared-memory slots (one model input each, ~3 MB at 1008 px) that loader processes copy 8-bit pixels
+    # Shared-memory slots (one model input each, ~3 MB at 1008 px) that loader processes resize 8-bit pixels
     # into for the model; images beyond them cross the slower way. 0: none (worker.pixel_slots).
     pixel_slots: int = Field(64, ge=0)
 
