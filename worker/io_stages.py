@@ -193,17 +193,16 @@ def _decoded(loader: Loader, data: bytes, keep_pixels: bool) -> ModelImage:
 
 def _prepared(loader: Loader, image: Image.Image | torch.Tensor) -> PreparedImage:
     """The preparer's output; in a loader process with pixel slots, written straight into a free slot."""
-    preparer = loader.preparer
+    # A tensor only reaches a preparer that says it takes one (Loader.tensor_pixels), a slot one that says it
+    # fills them (``_free_slot``).
+    prepare = cast(Callable[..., PreparedImage], loader.preparer)
     slot = _free_slot(loader)
-    if slot is None:
-        if isinstance(image, Image.Image):
-            return preparer(image)
-        # A tensor only reaches a preparer that says it takes one (Loader.tensor_pixels).
-        return cast(Callable[[torch.Tensor], PreparedImage], preparer)(image)
+    if slot is None or loader.slots is None:
+        return prepare(image)
     try:
-        return cast(Callable[..., PreparedImage], preparer)(image, out=slot)
+        return prepare(image, out=slot)
     except BaseException:
-        cast(PixelSlots, loader.slots).give_back(slot)
+        loader.slots.give_back(slot)
         raise
 
 
